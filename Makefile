@@ -1,0 +1,24 @@
+# The two commands of the README:
+#   make repro   regenerate the data, every result, table and figure (dvc repro), then build the book
+#   make test    run the test suite
+# Both build .venv first (scripts/setup.sh); nothing but package registries is needed.
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup test repro book clean
+
+setup:
+	@VENV=$(VENV) bash scripts/setup.sh
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+repro: setup
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/dvc repro
+	PATH=$(abspath $(BIN)):$$PATH bash scripts/build_book.sh
+
+book: setup
+	PATH=$(abspath $(BIN)):$$PATH bash scripts/build_book.sh
+
+clean:
+	rm -rf book/_build build

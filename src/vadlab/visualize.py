@@ -1,0 +1,46 @@
+"""Pictures of anomaly maps: the image, its ground-truth outline and the map as a heat overlay."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def overlay(image: np.ndarray, amap: np.ndarray, vmin: float, vmax: float, mask: np.ndarray | None = None,
+            alpha: float = 0.5) -> np.ndarray:
+    """RGB uint8 picture of ``image`` [H, W, 3] in [0, 1] with ``amap`` coloured over it and the mask outline."""
+    from matplotlib import colormaps
+    from scipy import ndimage
+
+    heat = colormaps["jet"](np.clip((amap - vmin) / max(vmax - vmin, 1e-12), 0, 1))[..., :3]
+    out = (1 - alpha) * image + alpha * heat
+    if mask is not None and mask.any():
+        edge = mask.astype(bool) & ~ndimage.binary_erosion(mask.astype(bool))
+        out[edge] = (1.0, 1.0, 1.0)
+    return (np.clip(out, 0, 1) * 255).astype(np.uint8)
+
+
+def save_overlays(result: Any, out_dir: Path, n: int = 6) -> list[Path]:
+    """Write side-by-side PNGs (image | map overlay) for the ``n`` highest-scoring defective and normal images.
+
+    The colour scale is shared by all images of the run (display only; metrics use raw scores).
+    """
+    from PIL import Image
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vmin, vmax = float(np.min(result.maps)), float(np.max(result.maps))
+    order = np.argsort(-result.scores)
+    picks = [i for i in order if result.labels[i] == 1][: n - n // 3] + [i for i in order if result.labels[i] == 0][: n // 3]
+    written = []
+    for i in picks:
+        image = np.asarray(Image.open(result.paths[i]).convert("RGB").resize(result.maps.shape[1:][::-1]),
+                           dtype=np.float64) / 255
+        pic = overlay(image, result.maps[i].astype(np.float64), vmin, vmax, result.masks[i])
+        name = f"{Path(result.paths[i]).parent.name}_{Path(result.paths[i]).stem}.png"
+        path = out_dir / name
+        Image.fromarray(np.concatenate([(image * 255).astype(np.uint8), pic], axis=1)).save(path)
+        written.append(path)
+    return written

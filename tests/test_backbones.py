@@ -1,0 +1,97 @@
+"""The offline backbone really is ImageNet-pretrained, and missing weights fail clearly."""
+
+import numpy as np
+import pytest
+import skimage.data
+import torch
+import torch.nn.functional as F
+
+from vadlab.backbones import FeatureExtractor, WeightsUnavailableError, create_backbone
+
+
+def _photo(name: str) -> torch.Tensor:
+    img = torch.from_numpy(getattr(skimage.data, name)()).permute(2, 0, 1).float()[None] / 255
+    return F.interpolate(img, size=224, mode="bilinear", antialias=True)
+
+
+@pytest.mark.parametrize("photo, imagenet_class", [("chelsea", 285), ("coffee", 967)])
+def test_lite0_classifies_photos(photo, imagenet_class):
+    model = create_backbone("efficientnet_lite0")
+    with torch.no_grad():
+        logits = model((_photo(photo) - 0.5) / 0.5)
+    assert logits.argmax().item() == imagenet_class  # Egyptian cat, espresso
+
+
+def test_random_weights_only_when_asked():
+    pretrained = create_backbone("efficientnet_lite0")
+    random = create_backbone("efficientnet_lite0", weights="random")
+    assert not torch.equal(pretrained.conv_stem.weight, random.conv_stem.weight)
+
+
+def test_feature_extractor_shapes_and_frozen():
+    fe = FeatureExtractor("efficientnet_lite0", ("blocks.1", "blocks.2", "blocks.4"))
+    feats = fe(torch.rand(2, 3, 64, 64))
+    assert [f.shape[1] for f in feats] == fe.channels == [24, 40, 112]
+    assert [64 // f.shape[-1] for f in feats] == fe.strides == [4, 8, 16]
+    assert not any(p.requires_grad for p in fe.parameters())
+    fe.train()
+    assert not fe.training  # batch-norm statistics of a frozen backbone never move
+
+
+def test_feature_extractor_matches_full_model():
+    full = create_backbone("efficientnet_lite0")
+    fe = FeatureExtractor("efficientnet_lite0", ("blocks.2",))
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        h = full.bn1(full.conv_stem(fe.normalize(x)))
+        for block in full.blocks[:3]:
+            h = block(h)
+        np.testing.assert_allclose(fe(x)[0].numpy(), h.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_layer_and_backbone_names():
+    with pytest.raises(ValueError, match="blocks.9"):
+        FeatureExtractor("efficientnet_lite0", ("blocks.9",))
+    with pytest.raises(ValueError, match="unknown backbone"):
+        FeatureExtractor("resnet9000")
+
+
+def test_local_weights_file(tmp_path):
+    path = tmp_path / "lite0.pth"
+    torch.save(create_backbone("efficientnet_lite0").state_dict(), path)
+    a = FeatureExtractor("efficientnet_lite0", weights=str(path))
+    b = FeatureExtractor("efficientnet_lite0")
+    x = torch.rand(1, 3, 32, 32)
+    assert torch.equal(a(x)[0], b(x)[0])
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        FeatureExtractor("efficientnet_lite0", weights=str(tmp_path / "missing.pth"))
+
+
+def test_paper_backbone_offline_error_names_alternative(monkeypatch, tmp_path):
+    """Without a cached file and without network, the error names the offline alternative."""
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    import torchvision
+
+    def no_network(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    weights = torchvision.models.get_model_weights("resnet18").IMAGENET1K_V1
+    monkeypatch.setattr(type(weights), "get_state_dict", no_network)
+    with pytest.raises(WeightsUnavailableError, match="efficientnet_lite0"):
+        FeatureExtractor("resnet18")
+
+
+def test_paper_backbone_from_cache(monkeypatch, tmp_path):
+    """A torchvision checkpoint in the hub cache is used without any download."""
+    import torchvision
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    tv = torchvision.models.resnet18()
+    (tmp_path / "checkpoints").mkdir()
+    torch.save(tv.state_dict(), tmp_path / "checkpoints" / "resnet18-f37072fd.pth")
+    fe = FeatureExtractor("resnet18", ("layer1", "layer2"))
+    tv.eval()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = tv.layer2(tv.layer1(tv.maxpool(tv.relu(tv.bn1(tv.conv1(fe.normalize(x)))))))
+        np.testing.assert_allclose(fe(x)[1].numpy(), ref.numpy(), rtol=1e-4, atol=1e-5)
