@@ -1,0 +1,18 @@
+"""Datasets: MVTec-layout folders, the generated default dataset, and one-class digit tasks."""
+
+from vadlab.data.digits import DigitsOneClass, MNISTOneClass
+from vadlab.data.mvtec import MVTecDataset, UnifiedDataset, list_categories, make_loader
+from vadlab.data.synthetic import DEFECT_KINDS, SYNTH_CATEGORIES, generate, render_sample
+
+__all__ = [
+    "MVTecDataset",
+    "UnifiedDataset",
+    "list_categories",
+    "make_loader",
+    "generate",
+    "render_sample",
+    "SYNTH_CATEGORIES",
+    "DEFECT_KINDS",
+    "DigitsOneClass",
+    "MNISTOneClass",
+]
