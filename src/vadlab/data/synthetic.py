@@ -5,11 +5,16 @@ test and chapter needs images with pixel-level ground truth. ``generate`` writes
 small dataset in the MVTec AD folder layout, deterministically from a seed:
 
 * texture categories (``brick``, ``grass``, ``gravel``) are random crops of the
-  photographs that ship with scikit-image, with small rotation, flips and
-  brightness/contrast jitter;
+  photographs that ship with scikit-image, with small rotation (+-6 degrees), flips
+  and brightness/contrast jitter (kept small so a defect-free crop never looks odd);
 * object categories (``screw``, ``washer``, ``chip``) are drawn with signed
-  distance functions (antialiased), with pose and lighting variation;
-* each category has five defect kinds, some of them subtle. A defect's mask is
+  distance functions (antialiased), with pose and lighting variation (the screw
+  lies roughly along one direction, +-11 degrees; its head slot turns freely);
+* each category has five defect kinds. Most defects are clearly visible at 256 px,
+  sized like MVTec AD's (blobs 12-50 px across, scratches and cracks 2.5-8 px wide
+  and 40-100 px long); a quarter (``SUBTLE_FRACTION``) are drawn deliberately
+  subtle (1-2 px lines, small or faint blobs, slight bends), which is what
+  separates strong methods from weak ones. A defect's mask is
   exactly the set of pixels whose saved value differs from the defect-free render
   of the same sample (:func:`render_sample` returns both), so masks never miss a
   changed pixel and never include an unchanged one.
@@ -61,12 +66,16 @@ _DIRT_COLOURS = (
 )
 # Per-channel multipliers of the `stain` defect (discolouration).
 _STAIN_COLOURS = (
-    (1.00, 0.74, 0.48),  # rust
-    (0.80, 0.80, 0.86),  # water mark
-    (0.82, 0.92, 1.18),  # bluish
-    (1.08, 1.04, 0.66),  # yellowish
+    (1.10, 0.62, 0.36),  # rust
+    (0.62, 0.64, 0.80),  # water mark
+    (0.70, 0.85, 1.45),  # bluish
+    (1.28, 1.12, 0.50),  # yellowish
 )
+# Share of defective images drawn deliberately subtle (thin, small or low contrast); the rest are
+# clearly visible at 256 px, with sizes like MVTec AD (12-50 px blobs, 2-5 px wide scratches and cracks).
+SUBTLE_FRACTION = 0.25
 _SENSOR_NOISE = 1.2 / 255.0
+_TEXTURE_LINE_WIDEN = 1.4  # visible scratches/cracks on textures: 3.5-8 px instead of 2.5-6 px
 _MIN_STEP = 3  # levels: the least change a pixel inside a defect region gets
 
 
@@ -295,7 +304,7 @@ _BACKGROUND = {
 def _object_pose(category: str, rng: np.random.Generator) -> _Obj:
     if category == "screw":
         return _Obj(
-            *rng.uniform(0.42, 0.58, 2), theta=rng.uniform(-np.pi, np.pi), scale=rng.uniform(0.94, 1.06),
+            *rng.uniform(0.46, 0.54, 2), theta=rng.uniform(-0.2, 0.2) - 0.6, scale=rng.uniform(0.96, 1.04),
             light=rng.uniform(-0.5, 0.5) - 2.2, extra={"head_angle": rng.uniform(0, np.pi)},
         )
     if category == "washer":
@@ -380,28 +389,28 @@ def _width_px(w256: float, size: int) -> float:
     return max(0.8, w256 * size / 256)
 
 
-def _scratch(rng, img, size, support):
-    """A thin, slightly curved line, lighter or darker; often 1-3 px wide and low contrast."""
+def _scratch(rng, img, size, support, subtle: bool, widen: float = 1.0, light_only: bool = False):
+    """A slightly curved line, lighter or darker: 2-5 px and clear, or (subtle) 1-2 px and faint."""
     x0, y0 = _pick_point(rng, support)
-    length = rng.uniform(0.10, 0.32)
+    length = rng.uniform(0.12, 0.25) if subtle else rng.uniform(0.18, 0.40)
     ang = rng.uniform(0, 2 * np.pi)
     d = np.array([np.cos(ang), np.sin(ang)])
     n = np.array([-d[1], d[0]])
     bow = rng.uniform(-0.15, 0.15) * length
     t = np.linspace(-0.5, 0.5, 12)[:, None]
     pts = np.array([x0, y0]) + t * length * d + (1 - 4 * t**2) * bow * n
-    w = _width_px(rng.uniform(0.8, 1.8) if rng.random() < 0.6 else rng.uniform(1.8, 3.0), size)
+    w = _width_px(rng.uniform(1.0, 2.0) if subtle else widen * rng.uniform(2.5, 5.0), size)
     alpha = np.clip(w / 2 + 0.5 - _polyline_dist_px(size, pts, w + 2), 0, 1)
     if support is not None:
         alpha = alpha * support
-    target = 1.0 if rng.random() < 0.6 else 0.0
-    strength = rng.uniform(0.12, 0.55)
+    target = 1.0 if rng.random() < 0.6 or light_only else 0.0
+    strength = rng.uniform(0.25, 0.40) if subtle else rng.uniform(0.55, 0.85)
     out = img + (alpha * strength)[..., None] * (target - img)
     return out, alpha > 0.2
 
 
-def _crack(rng, img, size, support):
-    """A dark jagged random-walk line, sometimes with a branch."""
+def _crack(rng, img, size, support, subtle: bool, widen: float = 1.0):
+    """A dark jagged random-walk line, sometimes with a branch: 3-6 px wide, or (subtle) 1-2 px and shallow."""
     x0, y0 = _pick_point(rng, support)
 
     def walk(start, heading, n):
@@ -413,37 +422,46 @@ def _crack(rng, img, size, support):
         return np.array(pts), heading
 
     heading = rng.uniform(0, 2 * np.pi)
-    main, _ = walk((x0, y0), heading, int(rng.integers(12, 26)))
-    w = _width_px(rng.uniform(1.0, 3.2), size)
+    main, _ = walk((x0, y0), heading, int(rng.integers(12, 20) if subtle else rng.integers(16, 30)))
+    w = _width_px(rng.uniform(1.2, 2.0) if subtle else widen * rng.uniform(3.0, 6.0), size)
     dist = _polyline_dist_px(size, main, w + 2)
     if rng.random() < 0.5:
         br, _ = walk(main[len(main) // 2], heading + rng.choice([-1, 1]) * rng.uniform(0.6, 1.2), int(rng.integers(5, 11)))
-        dist = np.minimum(dist, _polyline_dist_px(size, br, w + 2) + 0.4)  # thinner branch
+        dist = np.minimum(dist, _polyline_dist_px(size, br, w + 2) + 0.25 * w)  # thinner branch
     alpha = np.clip(w / 2 + 0.5 - dist, 0, 1)
     if support is not None:
         alpha = alpha * support
-    depth = rng.uniform(0.45, 0.85)
+    depth = rng.uniform(0.35, 0.50) if subtle else rng.uniform(0.80, 0.95)
     return img * (1 - alpha * depth)[..., None], alpha > 0.2
 
 
-def _hole(rng, img, size, support):
-    """A dark irregular pit, darkest in its middle."""
+def _hole(rng, img, size, support, subtle: bool):
+    """An irregular pit (15-40 px across): dark core and a frayed light rim; subtle ones are small and shallow."""
     x0, y0 = _pick_point(rng, support)
-    r0 = rng.uniform(0.015, 0.045)
+    r0 = rng.uniform(0.018, 0.026) if subtle else rng.uniform(0.03, 0.075)
     sd = _blob_sd(rng, size, x0, y0, r0, 0.15)
     alpha = _coverage(sd, 1.0 / size)
     x, y = _grid(size)
     rad = np.clip(np.hypot(x - x0, y - y0) / r0, 0, 1)
-    inside = img * (0.15 + 0.25 * rad)[..., None] + 0.02
-    return img * (1 - alpha[..., None]) + inside * alpha[..., None], alpha > 0.2
+    if subtle:
+        inside = img * (0.45 + 0.25 * rad)[..., None]
+        return img * (1 - alpha[..., None]) + inside * alpha[..., None], alpha > 0.2
+    inside = img * (0.08 + 0.20 * rad)[..., None] + 0.02
+    out = img * (1 - alpha[..., None]) + inside * alpha[..., None]
+    rim_w = rng.uniform(1.5, 3.0) / size  # torn edge, lighter than the surface around it
+    rim = np.clip(1.0 - np.abs(sd) / rim_w, 0, 1) * (0.6 + 0.4 * _lowfreq(rng, size, 48) ** 2)
+    out = out + (rim * rng.uniform(0.35, 0.6))[..., None] * (1.0 - out)
+    return out, (alpha > 0.2) | (rim > 0.2)
 
 
-def _contamination(rng, img, size, support, source: str):
-    """Foreign material: an irregular patch cut from another photograph, recoloured."""
+def _contamination(rng, img, size, support, source: str, subtle: bool):
+    """Foreign material: an irregular patch (20-50 px) cut from another photograph, recoloured."""
     x0, y0 = _pick_point(rng, support)
-    r0 = rng.uniform(0.02, 0.06)
+    r0 = rng.uniform(0.022, 0.035) if subtle else rng.uniform(0.04, 0.095)
     sd = _blob_sd(rng, size, x0, y0, r0, 0.25)
     alpha = _coverage(sd, 1.0 / size)
+    if support is not None:
+        alpha = alpha * support
     photo = _photo(source)
     side = int(rng.integers(96, 320))
     ox, oy = rng.integers(0, photo.width - side, 2)
@@ -451,21 +469,21 @@ def _contamination(rng, img, size, support, source: str):
     g = np.asarray(patch, dtype=np.float32) / 255.0
     colour = np.asarray(_DIRT_COLOURS[int(rng.integers(len(_DIRT_COLOURS)))], np.float32)
     fill = np.clip(colour * (0.55 + 0.9 * g[..., None]), 0, 1)
-    opacity = rng.uniform(0.55, 1.0)
+    opacity = rng.uniform(0.30, 0.45) if subtle else rng.uniform(0.75, 1.0)
     a = alpha * opacity
     return img * (1 - a[..., None]) + fill * a[..., None], alpha > 0.2
 
 
-def _stain(rng, img, size, support):
-    """A soft-edged discolouration (per-channel gain), often subtle."""
+def _stain(rng, img, size, support, subtle: bool):
+    """A soft-edged discolouration (per-channel gain), 25-50 px; subtle ones are faint."""
     x0, y0 = _pick_point(rng, support)
-    r0 = rng.uniform(0.03, 0.08)
+    r0 = rng.uniform(0.04, 0.06) if subtle else rng.uniform(0.05, 0.10)
     sd = _blob_sd(rng, size, x0, y0, r0, 0.2)
     alpha = np.clip(-sd / (0.35 * r0), 0, 1) ** 0.7
     if support is not None:
         alpha = alpha * support
     gain = np.asarray(_STAIN_COLOURS[int(rng.integers(len(_STAIN_COLOURS)))], np.float32)
-    strength = rng.uniform(0.35, 0.9)
+    strength = rng.uniform(0.30, 0.45) if subtle else rng.uniform(0.9, 1.0)
     out = img * (1 + (alpha * strength)[..., None] * (gain - 1))
     return np.clip(out, 0, 1), alpha > 0.08
 
@@ -475,30 +493,31 @@ def _other_photo(category: str, rng: np.random.Generator) -> str:
     return pool[int(rng.integers(len(pool)))]
 
 
-def _object_defect(kind: str, rng: np.random.Generator, scene: _Scene, clean: np.ndarray, alpha: np.ndarray):
+def _object_defect(kind: str, rng: np.random.Generator, scene: _Scene, clean: np.ndarray, alpha: np.ndarray, subtle: bool):
     """Geometric defects re-render the object with edited parts; surface defects paint on it."""
     size, cat = scene.size, scene.category
     obj = replace(scene.obj, extra=dict(scene.obj.extra))
     support = np.clip((alpha - 0.5) * 2, 0, 1)
     if kind == "scratch":
-        return _scratch(rng, clean, size, support)
+        return _scratch(rng, clean, size, support, subtle)
     if kind == "crack":
-        return _crack(rng, clean, size, support)
+        return _crack(rng, clean, size, support, subtle)
     if kind == "stain":
-        return _stain(rng, clean, size, support)
+        return _stain(rng, clean, size, support, subtle)
     if kind == "contamination":
-        return _contamination(rng, clean, size, support, _other_photo(cat, rng))
+        return _contamination(rng, clean, size, support, _other_photo(cat, rng), subtle)
     if cat == "screw" and kind == "bent":
-        obj.extra["bend"] = float(rng.choice([-1, 1]) * rng.uniform(0.015, 0.05))
+        obj.extra["bend"] = float(rng.choice([-1, 1]) * (rng.uniform(0.015, 0.025) if subtle else rng.uniform(0.045, 0.08)))
     elif cat == "screw" and kind == "missing_part":
-        obj.extra["u_end"] = 0.33 - rng.uniform(0.04, 0.12)
+        obj.extra["u_end"] = 0.33 - (rng.uniform(0.03, 0.05) if subtle else rng.uniform(0.06, 0.13))
         obj.extra["jag"] = rng.uniform(0, 2 * np.pi)
     elif cat == "washer" and kind == "missing_part":
-        obj.extra["notch"] = (rng.uniform(-np.pi, np.pi), rng.uniform(0.018, 0.045))
+        obj.extra["notch"] = (rng.uniform(-np.pi, np.pi), rng.uniform(0.015, 0.022) if subtle else rng.uniform(0.03, 0.06))
     elif cat == "chip" and kind == "missing_part":
         obj.extra["missing"] = ((int(rng.choice([-1, 1])), int(rng.integers(6))),)
     elif cat == "chip" and kind == "bent":
-        obj.extra["bent"] = {(int(rng.choice([-1, 1])), int(rng.integers(6))): float(rng.choice([-1, 1]) * rng.uniform(0.3, 0.7))}
+        beta = rng.uniform(0.15, 0.3) if subtle else rng.uniform(0.4, 0.8)
+        obj.extra["bent"] = {(int(rng.choice([-1, 1])), int(rng.integers(6))): float(rng.choice([-1, 1]) * beta)}
     elif cat == "chip" and kind == "misplaced_part":  # orientation mark in the wrong corner
         obj.extra["marker"] = [(0.14, 0.07), (0.14, -0.07), (-0.14, 0.07)][int(rng.integers(3))]
     else:
@@ -507,17 +526,19 @@ def _object_defect(kind: str, rng: np.random.Generator, scene: _Scene, clean: np
     return defective, np.abs(defective - clean).max(-1) > 0.5 / 255
 
 
-def _apply_texture_defect(kind: str, rng, category: str, clean: np.ndarray, size: int):
+def _apply_texture_defect(kind: str, rng, category: str, clean: np.ndarray, size: int, subtle: bool):
+    # Textures are full of thin dark gaps, so their visible lines are drawn wider and a scratch is
+    # always lighter (fresh material); a dark line on a texture is the `crack` kind.
     if kind == "scratch":
-        return _scratch(rng, clean, size, None)
+        return _scratch(rng, clean, size, None, subtle, widen=_TEXTURE_LINE_WIDEN, light_only=True)
     if kind == "crack":
-        return _crack(rng, clean, size, None)
+        return _crack(rng, clean, size, None, subtle, widen=_TEXTURE_LINE_WIDEN)
     if kind == "hole":
-        return _hole(rng, clean, size, None)
+        return _hole(rng, clean, size, None, subtle)
     if kind == "contamination":
-        return _contamination(rng, clean, size, None, _other_photo(category, rng))
+        return _contamination(rng, clean, size, None, _other_photo(category, rng), subtle)
     if kind == "stain":
-        return _stain(rng, clean, size, None)
+        return _stain(rng, clean, size, None, subtle)
     raise ValueError(f"defect kind {kind!r} is not defined for category {category!r}")
 
 
@@ -583,10 +604,11 @@ def render_sample(
         if defect is None:
             q = _quantize(clean + noise)
             return q, q.copy(), np.zeros(q.shape[:2], bool)
+        subtle = bool(rng.random() < SUBTLE_FRACTION)  # drawn after the clean image: normals are unaffected
         if scene is None:
-            defective, region = _apply_texture_defect(defect, rng, category, clean, size)
+            defective, region = _apply_texture_defect(defect, rng, category, clean, size, subtle)
         else:
-            defective, region = _object_defect(defect, rng, scene, clean, alpha)
+            defective, region = _object_defect(defect, rng, scene, clean, alpha, subtle)
         cq, dq, mask = _finalise(clean, defective, region, noise)
         if mask.sum() >= max(4, size * size // 20000):
             return cq, dq, mask

@@ -1,0 +1,105 @@
+"""FAVAE: VAE + feature matching, KL, maps, save/load, errors."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
+
+from vadlab.data import MVTecDataset, generate
+from vadlab.methods import AnomalyMethod, get_method
+from vadlab.methods.favae import FAVAE, FAVAEConfig, kl_divergence
+
+
+@pytest.fixture(scope="module")
+def brick(tmp_path_factory):
+    root = generate(tmp_path_factory.mktemp("synth"), seed=0, categories=["brick"], n_train=40, n_test=30, size=64)
+    train = MVTecDataset(root, "brick", "train", 64)
+    test = MVTecDataset(root, "brick", "test", 64)
+    x = torch.stack([train[i]["image"] for i in range(len(train))])
+    items = [test[i] for i in range(len(test))]
+    return (x, torch.stack([t["image"] for t in items]), torch.tensor([t["label"] for t in items]),
+            torch.stack([t["mask"][0] for t in items]))
+
+
+@pytest.fixture(scope="module")
+def fitted(brick):
+    x = brick[0]
+    model = FAVAE(image_size=64, channels=(32, 64, 128, 128), epochs=10, batch_size=4, lr=5e-3)
+    return model.fit([x[i:i + 8] for i in range(0, len(x), 8)])
+
+
+def test_registry_and_preset():
+    assert get_method("favae") is FAVAE
+    preset = FAVAEConfig.cpu_preset()
+    assert preset.image_size <= 128 and preset.epochs < FAVAEConfig().epochs
+
+
+def test_separates_generated_defects(fitted, brick):
+    # pixel-level separation of the generated brick defects after a tiny CPU training run; image AUROC
+    # >= 0.85 needs longer training than a unit test allows (see the module docstring / report)
+    _, test, labels, masks = brick
+    scores, maps = fitted.predict(test)
+    assert scores.shape == (len(test),) and maps.shape == (len(test), 64, 64)
+    assert roc_auc_score(masks.flatten().numpy() > 0.5, maps.flatten().numpy()) >= 0.75
+    assert fitted.history[-1]["loss"] < fitted.history[0]["loss"]
+
+
+def test_maps_at_input_size(fitted, brick):
+    test = brick[1]
+    big = F.interpolate(test[:2], size=(96, 96), mode="bilinear").clamp(0, 1)
+    scores, maps = fitted.predict(big)
+    assert scores.shape == (2,) and maps.shape == (2, 96, 96)
+
+
+def test_save_load_round_trip(fitted, brick, tmp_path):
+    test = brick[1]
+    s1, m1 = fitted.predict(test[:6])
+    loaded = AnomalyMethod.load(fitted.save(tmp_path / "favae.pt"))
+    assert isinstance(loaded, FAVAE)
+    s2, m2 = loaded.predict(test[:6])
+    assert torch.equal(s1, s2) and torch.equal(m1, m2)
+
+
+def test_same_seed_same_numbers(brick):
+    x, test = brick[0][:8], brick[1][:2]
+    a = FAVAE(image_size=64, channels=(8, 8, 8, 8), z_dim=4, epochs=1, batch_size=4).fit([x])
+    b = FAVAE(image_size=64, channels=(8, 8, 8, 8), z_dim=4, epochs=1, batch_size=4).fit([x])
+    assert torch.equal(a.predict(test)[1], b.predict(test)[1])
+
+
+def test_bad_input(fitted):
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        fitted.predict(torch.rand(3, 64, 64))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        fitted.predict(torch.rand(1, 3, 64, 64) * 255)
+
+
+def test_kl_closed_form_matches_torch():
+    g = torch.Generator().manual_seed(0)
+    mu, logvar = torch.randn(4, 7, generator=g), torch.randn(4, 7, generator=g)
+    q = torch.distributions.Normal(mu, (0.5 * logvar).exp())
+    p = torch.distributions.Normal(torch.zeros_like(mu), torch.ones_like(mu))
+    torch.testing.assert_close(kl_divergence(mu, logvar), torch.distributions.kl_divergence(q, p).sum(1))
+
+
+def test_adapters_match_teacher_shapes():
+    model = FAVAE(image_size=64, channels=(8, 8, 8, 8), z_dim=4)
+    x = torch.rand(2, 3, 64, 64)
+    recon, errors, kl = model.forward_errors(x)
+    assert recon.shape == x.shape and kl.shape == (2,)
+    assert [e.shape[-1] for e in errors] == [64, 32, 16, 8]
+
+
+def test_patchwise_tiles_round_trip():
+    model = FAVAE(image_size=64, patch_size=32, channels=(8, 8, 8, 8), z_dim=4)
+    x = torch.rand(2, 3, 64, 64)
+    tiles = model._tiles(x)
+    assert tiles.shape == (8, 3, 32, 32)
+    torch.testing.assert_close(model._untile(tiles[:, 0], 2), x[:, 0])
+    scores, maps = model.eval().predict(x)
+    assert maps.shape == (2, 64, 64)
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        FAVAE(image_size=64, patch_size=48)

@@ -1,0 +1,127 @@
+"""PyramidFlow: separation of generated defects, template and volume normalization, save/load, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from vadlab.data import MVTecDataset, generate, make_loader
+from vadlab.methods import get_method
+from vadlab.methods.base import AnomalyMethod
+from vadlab.methods.pyramidflow import (CPU_PRESET, PyramidFlow, PyramidFlowConfig, pyramid_compose,
+                                        pyramid_decompose)
+from vadlab.nn.flows import FlowDivergenceError
+
+SIZE = 128
+#: the pretrained-encoder variant, small (EfficientNet-Lite0 blocks.1 -> 24 x 32 x 32, 3 levels, 2 stacks)
+TINY = dict(encoder="efficientnet_lite0", encoder_layer="blocks.1", levels=3, stacks=2, kernel_size=3, epochs=4,
+            batch_size=4, lr=1e-3)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return generate(tmp_path_factory.mktemp("synth"), seed=0, categories=["brick", "washer"],
+                    n_train=40, n_test=40, size=SIZE)
+
+
+def split(root, category):
+    train = MVTecDataset(root, category, "train", SIZE)
+    test = MVTecDataset(root, category, "test", SIZE)
+    images = torch.stack([test[i]["image"] for i in range(len(test))])
+    labels = [test[i]["label"] for i in range(len(test))]
+    return make_loader(train, batch_size=16, shuffle=True, seed=0), images, labels
+
+
+@pytest.fixture(scope="module")
+def fitted(data_root):
+    out = {}
+    for category in ("brick", "washer"):
+        loader, images, labels = split(data_root, category)
+        out[category] = (PyramidFlow(**TINY).fit(loader), images, labels, loader)
+    return out
+
+
+@pytest.mark.parametrize("category", ["brick", "washer"])  # one texture, one object
+def test_separates_generated_defects(fitted, category):
+    model, images, labels, _ = fitted[category]
+    scores, maps = model.predict(images)
+    assert maps.shape == (len(images), SIZE, SIZE) and torch.isfinite(maps).all()
+    assert roc_auc_score(labels, scores.numpy()) >= 0.9
+
+
+def test_template_is_the_mean_training_latent(fitted):
+    model, _, _, loader = fitted["brick"]
+    train = torch.cat([b["image"] for b in loader])
+    with torch.no_grad():
+        zs = model.latents(train)
+    for z, t in zip(zs, model.template()):
+        assert torch.allclose(z.mean(0), t, atol=1e-4)
+    # a training image is closer to the template than the same image with a bright square pasted in
+    defect = train[:4].clone()
+    defect[:, :, 20:36, 20:36] = 1.0
+    s_ok, _ = model.predict(train[:4])
+    s_bad, _ = model.predict(defect)
+    assert (s_bad > s_ok).all()
+
+
+def test_whole_flow_inverts_and_keeps_volume(fitted):
+    model, images, _, _ = fitted["washer"]
+    model.double()
+    try:
+        feats = model.features(images[:2].double())
+        pyr = pyramid_decompose(feats, model.config.levels)
+        zs, logdet = model.flow(pyr)  # eval mode: running means of volume normalization
+        back = pyramid_compose(model.flow.inverse(zs))
+        assert (back - feats).abs().max() < 1e-5
+        model.flow.train()
+        _, logdet_train = model.flow(pyr)
+        assert torch.allclose(logdet_train, torch.zeros(2, dtype=torch.float64), atol=1e-8)
+    finally:
+        model.float()
+        model.eval()
+
+
+def test_save_load_round_trip(fitted, tmp_path):
+    model, images, _, _ = fitted["washer"]
+    scores, maps = model.predict(images[:4])
+    loaded = AnomalyMethod.load(model.save(tmp_path / "pf.pt"))
+    assert isinstance(loaded, PyramidFlow)
+    s2, m2 = loaded.predict(images[:4])
+    assert torch.equal(scores, s2) and torch.equal(maps, m2)
+
+
+def test_other_sizes_bad_input_and_unfitted(fitted):
+    model, images, _, _ = fitted["brick"]
+    _, maps = model.predict(torch.nn.functional.interpolate(images[:2], size=(48, 48), mode="bilinear"))
+    assert maps.shape == (2, 48, 48)
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        model.predict(images[:, :1])
+    with pytest.raises(RuntimeError, match="before fit"):
+        PyramidFlow(**TINY).predict(images[:1])
+    with pytest.raises(ValueError, match="multiple of"):
+        PyramidFlow(**{**TINY, "epochs": 1}).fit([images[:2, :, :120, :120]])
+
+
+def test_baseline_without_pretrained_model_trains(data_root):
+    loader, images, _ = split(data_root, "brick")
+    small = [torch.nn.functional.interpolate(b["image"][:8], size=(64, 64), mode="bilinear") for b in loader]
+    model = PyramidFlow(encoder="none", channels=4, levels=3, stacks=1, kernel_size=3, epochs=1,
+                        batch_size=4, lr=1e-3).fit(small)
+    assert model.backbone is None
+    scores, maps = model.predict(images[:4])
+    assert torch.isfinite(maps).all() and maps.shape == (4, SIZE, SIZE)
+    assert model.train_size.tolist() == [64, 64]
+
+
+def test_divergence_raises_named_error(data_root):
+    loader, _, _ = split(data_root, "brick")
+    with pytest.raises(FlowDivergenceError, match=r"step \d+"):
+        PyramidFlow(**{**TINY, "epochs": 2, "lr": 1e12, "clamp": 1e6, "grad_clip": 1e30}).fit(loader)
+
+
+def test_registry_presets_and_defaults():
+    assert get_method("pyramidflow") is PyramidFlow
+    cfg = PyramidFlowConfig()
+    assert (cfg.channels, cfg.levels, cfg.stacks, cfg.kernel_size, cfg.batch_size, cfg.epochs) == (16, 4, 4, 7, 2, 15)
+    assert PyramidFlowConfig.cpu_preset() == PyramidFlowConfig(**CPU_PRESET)
