@@ -143,12 +143,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
         chunk = files[start:start + args.batch_size]
         images = torch.stack([load_image(f, size) for f in chunk])
         scores, maps = model.predict(images)
-        for f, s, m in zip(chunk, scores.tolist(), maps.cpu().numpy()):
-            np.save(out / "maps" / f"{f.stem}.npy", m.astype(np.float32))
-            rows.append({"image": str(f), "score": s,
+        for i, (f, s, m) in enumerate(zip(chunk, scores.tolist(), maps.cpu().numpy()), start):
+            map_file = out / "maps" / f"{i:05d}_{f.stem}.npy"  # numbered: folders may repeat file names
+            np.save(map_file, m.astype(np.float32))
+            rows.append({"image": str(f), "map": str(map_file.relative_to(out)), "score": s,
                          "anomalous": "" if threshold is None else int(s > threshold)})
     with open(out / "scores.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["image", "score", "anomalous"])
+        writer = csv.DictWriter(fh, fieldnames=["image", "map", "score", "anomalous"])
         writer.writeheader()
         writer.writerows(rows)
     print(f"scored {len(rows)} images -> {out / 'scores.csv'}"
