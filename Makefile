@@ -5,13 +5,14 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test repro book clean
+.PHONY: setup test repro book browser-check clean
 
 setup:
 	@VENV=$(VENV) bash scripts/setup.sh
 
 test: setup
-	$(BIN)/python -m pytest -q
+	bash scripts/setup_browser.sh
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q
 
 repro: setup
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/dvc repro
@@ -19,6 +20,9 @@ repro: setup
 
 book: setup
 	PATH=$(abspath $(BIN)):$$PATH bash scripts/build_book.sh
+
+browser-check: book
+	$(BIN)/python scripts/browser_check.py book/_build/html/padim.html --min-images 3
 
 clean:
 	rm -rf book/_build build

@@ -103,7 +103,7 @@ print("change of variables matches the Gaussian density:", np.round(logp_flow, 3
 torch.set_default_dtype(torch.float64)
 flow = SequentialFlow([ActNorm(6), AffineCoupling(6, cond_channels=4, hidden=16), FixedPermutation(6, 1),
                        AffineCoupling(6, cond_channels=4, hidden=16), InvertibleConv1x1(6, seed=3),
-                       AffineCoupling(6, cond_channels=4, hidden=16)])
+                       AffineCoupling(6, cond_channels=4, hidden=16)]).double()
 with torch.no_grad():
     for p in flow.parameters():
         p.copy_(0.4 * torch.randn_like(p))
@@ -287,7 +287,7 @@ npt.assert_allclose(pyramid_compose(levels).numpy(), img.numpy(), atol=1e-6)
 
 # %%
 torch.set_default_dtype(torch.float64)
-net = PyramidFlowNet(channels=2, levels=3, stacks=2, kernel_size=3, clamp=2.0, vn="cvn")
+net = PyramidFlowNet(channels=2, levels=3, stacks=2, kernel_size=3, clamp=2.0, vn="cvn").double()
 with torch.no_grad():
     for p in net.parameters():
         p.copy_(0.3 * torch.randn_like(p))

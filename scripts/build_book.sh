@@ -3,6 +3,7 @@
 #
 # - Every chapter is executed on every build (`execute_notebooks: force` in book/_config.yml, and
 #   `--all` here so Sphinx re-reads every page even when only src/ or the pipeline's results changed).
+#   BOOK_ALL=0 skips `--all`: an incremental build that re-executes only the changed chapters.
 # - A notebook error fails the build (`raise_on_error`), and so does any Sphinx warning (-W).
 # - Pipeline outputs (results/) must exist: run `dvc repro` first.  Set
 #   VADLAB_BOOK_ALLOW_MISSING_RESULTS=1 to build without them (pages then say what is missing).
@@ -18,5 +19,7 @@ if [ "${VADLAB_BOOK_ALLOW_MISSING_RESULTS:-0}" != "1" ] && [ ! -f results/tables
   exit 1
 fi
 start=$(date +%s)
-jupyter-book build --all -W --keep-going --path-output "$OUT" book
+ALL=--all
+[ "${BOOK_ALL:-1}" = "0" ] && ALL=
+jupyter-book build $ALL -W --keep-going --path-output "$OUT" book
 echo "book built in $(( $(date +%s) - start )) s: $OUT/_build/html/index.html"

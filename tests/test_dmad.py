@@ -56,7 +56,7 @@ def test_training_updates_fields_and_memory(washer):
 
 def test_separates_generated_defects_and_save_load(washer, tmp_path):
     train, images, labels = washer
-    model = DMAD(**{**CPU_PRESET, "epochs": 25})
+    model = DMAD(**{**CPU_PRESET, "epochs": 25, "gamma_df": 1.0})  # the paper's loss weight
     model.fit(make_loader(train, batch_size=8, shuffle=True, seed=0))
     scores, maps = model.predict(images)
     assert maps.shape == (len(images), 64, 64) and torch.isfinite(maps).all()
