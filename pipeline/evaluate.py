@@ -28,41 +28,22 @@ results_root = "results"
 
 # %%
 import json
-import sys
-from dataclasses import fields
 from pathlib import Path
 
 from vadlab.evaluate import run
-from vadlab.methods import get_method
-
-
-def preset_overrides(name: str, preset: str) -> dict:
-    """Hyperparameters of a named preset that differ from the paper's defaults (`paper` = none)."""
-    if preset in (None, "paper"):
-        return {}
-    if preset != "cpu":
-        raise ValueError(f"methods.{name}.preset must be 'paper' or 'cpu', got {preset!r}")
-    cls = get_method(name)
-    module = sys.modules[cls.__module__]
-    if hasattr(cls.Config, "cpu_preset"):
-        chosen, default = cls.Config.cpu_preset(), cls.Config()
-        return {f.name: getattr(chosen, f.name) for f in fields(chosen)
-                if getattr(chosen, f.name) != getattr(default, f.name)}
-    if hasattr(module, "CPU_PRESET"):
-        return dict(module.CPU_PRESET)
-    raise ValueError(f"method {name!r} defines no CPU preset (Config.cpu_preset or CPU_PRESET); "
-                     f"use preset: paper in params.yaml")
+from vadlab.methods import preset_overrides
 
 
 if method not in methods:
     raise KeyError(f"params.yaml has no settings for method {method!r} under `methods:`")
 settings = methods[method]
-overrides = {**preset_overrides(method, settings.get("preset", "paper")), **(settings.get("set") or {})}
+implementation = settings.get("method", method)  # a run name may select a variant, e.g. dmad_plus -> dmad
+overrides = {**preset_overrides(implementation, settings.get("preset", "paper")), **(settings.get("set") or {})}
 out_dir = Path(results_root) / data["name"] / method / category
 print(f"{method} on {data['name']}/{category} at {settings['image_size']} px, overrides {overrides}")
 
 # %%
-metrics = run(method, data["root"], category, image_size=int(settings["image_size"]), overrides=overrides,
+metrics = run(implementation, data["root"], category, image_size=int(settings["image_size"]), overrides=overrides,
               out_dir=out_dir, seed=int(seed))
 summary = {k: metrics[k] for k in ("image_auroc", "pixel_auroc", "aupro", "pixel_ap", "image_f1max",
                                    "pixel_f1max", "fit_seconds", "predict_seconds_per_image")}

@@ -95,3 +95,15 @@ def test_paper_backbone_from_cache(monkeypatch, tmp_path):
     with torch.no_grad():
         ref = tv.layer2(tv.layer1(tv.maxpool(tv.relu(tv.bn1(tv.conv1(fe.normalize(x)))))))
         np.testing.assert_allclose(fe(x)[1].numpy(), ref.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_vgg16_feature_layers_copy_weights(tmp_path):
+    """timm flattens VGG's module names in its feature net; every weight must still be copied."""
+    full = create_backbone("vgg16", weights="random")
+    torch.save(full.state_dict(), tmp_path / "vgg.pth")
+    fe = FeatureExtractor("vgg16", weights=str(tmp_path / "vgg.pth"))
+    assert fe.channels == [128, 256, 512]
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        ref = full.features[:23](fe.normalize(x))  # up to the ReLU after conv4_3 (timm's features.22)
+        np.testing.assert_allclose(fe(x)[2].numpy(), ref.numpy(), rtol=1e-4, atol=1e-5)

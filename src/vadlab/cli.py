@@ -30,6 +30,13 @@ def _parse_sets(pairs: Sequence[str]) -> dict[str, str]:
     return out
 
 
+def _overrides(args: argparse.Namespace) -> dict:
+    """The preset's hyperparameters, then each --set on top."""
+    from vadlab.methods import preset_overrides
+
+    return {**preset_overrides(args.method, args.preset), **_parse_sets(args.set)}
+
+
 def _table(rows: list[dict], keys: Sequence[str]) -> str:
     """A plain-text table of ``rows`` with columns ``keys`` (floats with 3 decimals)."""
     def fmt(v):
@@ -57,7 +64,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from vadlab.data import list_categories
     from vadlab.evaluate import METRIC_KEYS, run, run_unified
 
-    overrides = _parse_sets(args.set)
+    overrides = _overrides(args)
     categories = args.category or list_categories(args.data)
     keys = ("category",) + METRIC_KEYS + ("fit_seconds", "predict_seconds_per_image")
     rows = []
@@ -93,7 +100,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         raise SystemExit(f"--holdout {args.holdout} leaves fewer than 2 training images of {len(train)}")
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed)).tolist()
     fit_set, hold_set = Subset(train, order[n_hold:]), Subset(train, order[:n_hold])
-    model = build_method(args.method, _parse_sets(args.set))
+    model = build_method(args.method, _overrides(args))
     model.fit(make_loader(fit_set, batch_size=args.batch_size, shuffle=True, seed=args.seed))
     out = Path(args.out)
     model.save(out)
@@ -187,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("method", help="method name, e.g. padim (see `vadlab methods`)")
         p.add_argument("--data", required=True, help="dataset root in MVTec AD layout")
         p.add_argument("--image-size", type=int, default=256)
+        p.add_argument("--preset", choices=("paper", "cpu"), default="paper",
+                       help="paper = the paper's hyperparameters; cpu = the method's small-CPU preset")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a hyperparameter (repeatable)")
         p.add_argument("--seed", type=int, default=0)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import sys
+from dataclasses import fields
+from typing import Any
 
 from vadlab.methods.base import AnomalyMethod, apply_overrides
 
@@ -47,4 +50,28 @@ def get_method(name: str) -> type[AnomalyMethod]:
     return getattr(module, class_name)
 
 
-__all__ = ["AnomalyMethod", "apply_overrides", "available_methods", "get_method"]
+PRESETS = ("paper", "cpu")
+
+
+def preset_overrides(name: str, preset: str | None = "paper") -> dict[str, Any]:
+    """Hyperparameters of a named preset that differ from the paper's defaults.
+
+    ``paper`` (or None) is the Config dataclass as it is; ``cpu`` is the method's documented small-CPU
+    preset (``Config.cpu_preset()`` or the module's ``CPU_PRESET`` dict).
+    """
+    if preset in (None, "paper"):
+        return {}
+    if preset != "cpu":
+        raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
+    cls = get_method(name)
+    if hasattr(cls.Config, "cpu_preset"):
+        chosen, default = cls.Config.cpu_preset(), cls.Config()
+        return {f.name: getattr(chosen, f.name) for f in fields(chosen)
+                if getattr(chosen, f.name) != getattr(default, f.name)}
+    module = sys.modules[cls.__module__]
+    if hasattr(module, "CPU_PRESET"):
+        return dict(module.CPU_PRESET)
+    raise ValueError(f"method {name!r} defines no CPU preset; use the paper preset")
+
+
+__all__ = ["AnomalyMethod", "PRESETS", "apply_overrides", "available_methods", "get_method", "preset_overrides"]

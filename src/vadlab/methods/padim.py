@@ -41,6 +41,11 @@ class PadimConfig:
     batch_size: int = 32
     device: str = "cpu"
 
+    @classmethod
+    def cpu_preset(cls) -> "PadimConfig":
+        """Small-CPU preset: the paper's settings; PaDiM learns no weights and fits a category in ~30 s."""
+        return cls()
+
 
 class Padim(AnomalyMethod):
     """Per-position Gaussian on random-subset multi-scale features; Mahalanobis anomaly map."""

@@ -138,29 +138,20 @@ class PatchCore(AnomalyMethod):
     @torch.no_grad()
     def fit(self, train_loader: Iterable) -> "PatchCore":
         cfg = self.config
-        chunks: list[torch.Tensor] = []  # full patch features, kept per batch (never concatenated)
-        projected: list[torch.Tensor] = []  # their JL projections, for the selection
-        matrix = None
+        chunks: list[torch.Tensor] = []  # patch features per batch (never concatenated)
         for images in tqdm(iter_images(train_loader, self.device), desc="patchcore features", leave=False):
             x = self.embed(images)
-            x = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
-            chunks.append(x)
-            if matrix is None and 0 < cfg.projection_dim < x.shape[1]:
-                matrix = random_projection(x.shape[1], cfg.projection_dim, cfg.seed).to(x.device)
-            if cfg.coreset_ratio < 1:
-                projected.append(x @ matrix if matrix is not None else x)
+            chunks.append(x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]))
         if not chunks:
             raise ValueError("the training loader yielded no images; PatchCore needs defect-free training images")
-        n = sum(len(c) for c in chunks)
         if cfg.coreset_ratio >= 1:
             self.memory_bank = torch.cat(chunks)
             return self
-        z = torch.cat(projected)
-        del projected
+        n, dim = sum(len(c) for c in chunks), chunks[0].shape[1]
+        matrix = random_projection(dim, cfg.projection_dim, cfg.seed) if 0 < cfg.projection_dim < dim else None
         n_select = max(1, int(n * cfg.coreset_ratio))
         start = int(torch.randint(n, (1,), generator=torch.Generator().manual_seed(cfg.seed)))
-        index = greedy_coreset(z, n_select, start=start, progress=True)
-        del z
+        index = greedy_coreset(chunks, n_select, start=start, projection=matrix, progress=True)
         self.memory_bank = _gather_rows(chunks, index)
         return self
 

@@ -27,6 +27,7 @@ Everything works on chunks so that memory stays O(N * d) for the features plus O
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -55,20 +56,17 @@ def _sq_dist_to(x: torch.Tensor, x_sq: torch.Tensor, c: torch.Tensor, c_sq: torc
     return (x_sq + c_sq - 2.0 * (x @ c)).clamp_min_(0.0)
 
 
-def _principal_rotation(x: torch.Tensor) -> torch.Tensor:
-    """Orthogonal ``[d, d]`` matrix of the principal axes of ``x`` (largest variance first)."""
-    cov = (x.T @ x).double()
-    _, vectors = torch.linalg.eigh(cov)
-    return vectors.flip(1).to(x.dtype)
-
-
 @torch.no_grad()
-def greedy_coreset(features: torch.Tensor, n_select: int, start: int = 0, prune: bool = True,
+def greedy_coreset(features: torch.Tensor | Sequence[torch.Tensor], n_select: int, start: int = 0,
+                   projection: torch.Tensor | None = None, prune: bool = True,
                    levels: tuple[int, ...] = (8, 32), progress: bool = False) -> torch.Tensor:
-    """Indices of ``n_select`` rows of ``features`` ``[N, d]`` chosen by greedy k-center (farthest point).
+    """Indices of ``n_select`` rows of ``features`` ``[N, D]`` chosen by greedy k-center (farthest point).
 
     The first centre is row ``start``; each next centre is the row farthest (Euclidean) from all chosen
-    ones; ties go to the lowest index.  Pass JL-projected features: the selection runs on them as given.
+    ones in the space of ``features @ projection`` (``[D, d]``, e.g. :func:`random_projection`; None =
+    the features themselves); ties go to the lowest index.  ``features`` may be a list of chunks
+    (rows numbered across them): they are projected chunk by chunk, so only the d-dimensional copy
+    of all N rows is ever held besides them.
 
     ``prune=False`` is the textbook loop: every step updates the distance of every point (N x d work).
     ``prune=True`` gives the same sequence with far less work, using two *exact* lower bounds:
@@ -79,27 +77,51 @@ def greedy_coreset(features: torch.Tensor, n_select: int, start: int = 0, prune:
        are checked again with ``levels[1]`` coordinates, and so on; only the last few get all d;
     2. the triangle inequality: if ``||c - a(x)|| >= 2 r(x)`` the point cannot move closer either.
     """
-    if features.ndim != 2:
-        raise ValueError(f"features must be a [N, d] matrix, got shape {tuple(features.shape)}")
-    n, d = features.shape
+    chunks = [features] if isinstance(features, torch.Tensor) else list(features)
+    if not chunks or any(c.ndim != 2 or c.shape[1] != chunks[0].shape[1] for c in chunks):
+        raise ValueError(f"features must be a [N, D] matrix or a list of [n_i, D] chunks, got shapes "
+                         f"{[tuple(c.shape) for c in chunks][:4]}")
+    if projection is not None and (projection.ndim != 2 or projection.shape[0] != chunks[0].shape[1]):
+        raise ValueError(f"projection {tuple(projection.shape)} must be [D, d] with D = {chunks[0].shape[1]}")
+    n = sum(c.shape[0] for c in chunks)
     if not 1 <= n_select <= n:
         raise ValueError(f"n_select={n_select} must be in 1..{n} (the number of feature rows)")
     if not 0 <= start < n:
         raise ValueError(f"start={start} is not a row index of the {n} features")
-    if not features.is_floating_point():
-        features = features.float()
-    # centring changes no distance but shrinks the norms, so the expansion loses fewer digits
-    x = features - features.mean(0, keepdim=True)
+    dtype = chunks[0].dtype if chunks[0].is_floating_point() else torch.float32
+    device = chunks[0].device
+
+    def project(c: torch.Tensor) -> torch.Tensor:
+        c = c.to(dtype)
+        return c if projection is None else c @ projection.to(device=device, dtype=dtype)
+
+    # pass 1: mean (centring changes no distance but shrinks norms, so the expansion loses fewer
+    # digits) and scatter matrix, whose eigenvectors are the principal axes
+    d = projection.shape[1] if projection is not None else chunks[0].shape[1]
+    total = torch.zeros(d, dtype=torch.float64, device=device)
+    scatter = torch.zeros(d, d, dtype=torch.float64, device=device)
+    for c in chunks:
+        z = project(c).double()
+        total += z.sum(0)
+        scatter += z.T @ z
+    mean = total / n
     cuts = [h for h in levels if 0 < h < d] if prune else []
-    if cuts:
-        x = x @ _principal_rotation(x)
     bounds = [0, *cuts, d]
-    blocks = [x[:, a:b].contiguous() for a, b in zip(bounds[:-1], bounds[1:])]  # contiguous: fast GEMV
+    if cuts:  # orthogonal rotation onto the principal axes (largest variance first)
+        _, vectors = torch.linalg.eigh(scatter - n * torch.outer(mean, mean))
+        rotation = vectors.flip(1).to(dtype)
+    # pass 2: centred (rotated) coordinates, stored as contiguous column blocks (fast GEMV on the first)
+    blocks = [torch.empty(n, b - a, dtype=dtype, device=device) for a, b in zip(bounds[:-1], bounds[1:])]
+    row = 0
+    for c in chunks:
+        z = project(c) - mean.to(dtype)
+        for blk, a, b in zip(blocks, bounds[:-1], bounds[1:]):
+            blk[row:row + len(z)] = z @ rotation[:, a:b] if cuts else z
+        row += len(z)
     block_sq = [(blk * blk).sum(1) for blk in blocks]
-    del x
-    min_sq = torch.full((n,), float("inf"), dtype=features.dtype, device=features.device)  # r(x)^2
-    assign = torch.zeros(n, dtype=torch.long, device=features.device)  # a(x): slot of the nearest centre
-    centres = torch.empty(n_select, d, dtype=features.dtype, device=features.device)
+    min_sq = torch.full((n,), float("inf"), dtype=dtype, device=device)  # r(x)^2
+    assign = torch.zeros(n, dtype=torch.long, device=device)  # a(x): slot of the nearest centre
+    centres = torch.empty(n_select, d, dtype=dtype, device=device)
     chosen = torch.empty(n_select, dtype=torch.long)
     idx = start
     for t in tqdm(range(n_select), desc="coreset", leave=False, disable=not progress):

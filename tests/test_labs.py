@@ -1,0 +1,463 @@
+"""Course labs: the checks of vadlab.labs accept the package's implementation, reject plausible wrong ones
+with a helpful message, and the student edition empties exactly the solution code.
+
+Each wrong implementation below is written the way a student might write it (not taken from labs.py), and
+the test asserts both the verdict (False) and that the report points at the mistake.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jupytext
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+from scipy.stats import rankdata
+
+from vadlab import labs
+
+ROOT = Path(__file__).resolve().parents[1]
+LAB_DIR = ROOT / "book" / "labs"
+EXERCISES = ["auroc", "aupro", "mahalanobis_map", "greedy_coreset", "affine_coupling", "ssim_map", "quantize",
+             "ddim_step"]
+
+
+def _check(name: str, *fns, **kwargs) -> bool:
+    return getattr(labs, f"check_{name}")(*fns, **kwargs)
+
+
+def _verdict(capsys, name: str, *fns) -> tuple[bool, str]:
+    ok = _check(name, *fns, raise_on_fail=False)
+    return ok, capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------ package passes
+
+
+@pytest.mark.parametrize("name", EXERCISES)
+def test_reference_passes(capsys, name):
+    ref = labs.reference(name)
+    fns = ref if isinstance(ref, tuple) else (ref,)
+    assert _check(name, *fns, raise_on_fail=True)
+    out = capsys.readouterr().out
+    assert "cases pass. Well done!" in out and "FAIL" not in out
+
+
+def test_known_answers_of_the_coreset_cases_match_brute_force():
+    """The hand-written expected sequences are the farthest-point sequences (exact arithmetic)."""
+    def brute(points, n, start):
+        chosen = [start]
+        d = [abs(complex(*p) - complex(*points[start])) if len(p) == 2 else abs(p[0] - points[start][0]) for p in points]
+        while len(chosen) < n:
+            nxt = max(range(len(points)), key=lambda i: (d[i], -i))
+            chosen.append(nxt)
+            d = [min(d[i], abs(complex(*points[i]) - complex(*points[nxt])) if len(points[i]) == 2
+                     else abs(points[i][0] - points[nxt][0])) for i in range(len(points))]
+        return chosen
+
+    assert brute([(0,), (1,), (2,), (10,), (11.5,)], 4, 0) == [0, 4, 2, 3]
+    assert brute([(0, 0), (5, 0), (5, 0), (0, 1)], 3, 0) == [0, 1, 3]
+    assert brute([(0, 0), (4, 0), (0, 3), (4, 3), (1, 1)], 5, 4) == [4, 3, 1, 2, 0]
+
+
+# ------------------------------------------------------------------------------------------ metrics
+
+
+def auroc_ordinal(labels, scores):  # ties broken by position
+    ranks = np.empty(len(scores))
+    ranks[np.argsort(scores, kind="stable")] = np.arange(1, len(scores) + 1)
+    n1, n0 = labels.sum(), len(labels) - labels.sum()
+    return (ranks[labels == 1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0)
+
+
+def auroc_no_offset(labels, scores):
+    r = rankdata(scores)
+    n1, n0 = labels.sum(), len(labels) - labels.sum()
+    return r[labels == 1].sum() / (n1 * n0)
+
+
+@pytest.mark.parametrize("wrong, words", [(auroc_ordinal, "average rank"), (auroc_no_offset, "n_pos (n_pos + 1) / 2")])
+def test_auroc_rejects(capsys, wrong, words):
+    ok, out = _verdict(capsys, "auroc", wrong)
+    assert not ok and "FAIL" in out and words in out
+
+
+def _aupro_student(masks, maps, fpr_limit, connectivity=8, per_region=True, normalise=True):
+    """A threshold-by-threshold AUPRO as a student writes it, with switches for the typical mistakes."""
+    structure = np.ones((3, 3)) if connectivity == 8 else None
+    regions = [ndimage.label(m, structure=structure)[0] for m in masks]
+    normal = ~masks
+    pts = [(0.0, 0.0)]
+    for t in np.unique(maps)[::-1]:
+        pred = maps >= t
+        fpr = (pred & normal).sum() / normal.sum()
+        if per_region:
+            overlaps = [(pred[i][r == k]).mean() for i, r in enumerate(regions) for k in range(1, r.max() + 1)]
+            pro = float(np.mean(overlaps))
+        else:
+            pro = (pred & masks).sum() / masks.sum()
+        pts.append((fpr, pro))
+    x, y = np.array(pts).T
+    keep = np.searchsorted(x, fpr_limit, side="right")
+    area = np.trapezoid(y[:keep], x[:keep])
+    if x[keep - 1] < fpr_limit:
+        y_at = np.interp(fpr_limit, x, y)
+        area += 0.5 * (y[keep - 1] + y_at) * (fpr_limit - x[keep - 1])
+    return area / fpr_limit if normalise else area
+
+
+def test_aupro_student_style_correct_version_passes(capsys):
+    """The student-style loop (with no mistake switched on) is right: the wrong ones below differ by one switch."""
+    ok, out = _verdict(capsys, "aupro", _aupro_student)
+    assert ok, out
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"connectivity": 4}, "8-connectivity"),
+    ({"per_region": False}, "per connected region"),
+    ({"normalise": False}, "divide the area by fpr_limit"),
+])
+def test_aupro_rejects(capsys, kwargs, words):
+    ok, out = _verdict(capsys, "aupro", lambda m, s, f: _aupro_student(m, s, f, **kwargs))
+    assert not ok and words in out
+
+
+# ------------------------------------------------------------------------------------------ PaDiM
+
+
+def maha_squared(x, mean, precision):
+    d = x.permute(0, 2, 3, 1) - mean
+    return torch.einsum("bhwi,hwij,bhwj->bhw", d, precision, d)
+
+
+def maha_reshape(x, mean, precision):
+    d = x.reshape(x.shape[0], x.shape[2], x.shape[3], x.shape[1]) - mean
+    return torch.einsum("bhwi,hwij,bhwj->bhw", d, precision, d).clamp_min(0).sqrt()
+
+
+def maha_inverts(x, mean, precision):
+    d = x.permute(0, 2, 3, 1) - mean
+    return torch.einsum("bhwi,hwij,bhwj->bhw", d, torch.linalg.inv(precision), d).clamp_min(0).sqrt()
+
+
+@pytest.mark.parametrize("wrong, words", [(maha_squared, "squared distances"), (maha_reshape, "permute(0, 2, 3, 1)"),
+                                          (maha_inverts, "do not invert it again")])
+def test_mahalanobis_rejects(capsys, wrong, words):
+    ok, out = _verdict(capsys, "mahalanobis_map", wrong)
+    assert not ok and words in out and "differs at index" in out
+
+
+# ------------------------------------------------------------------------------------------ PatchCore
+
+
+def coreset_last_centre(features, n_select, start=0):
+    out = [start]
+    while len(out) < n_select:
+        out.append(int(torch.cdist(features, features[out[-1:]]).squeeze(1).argmax()))
+    return torch.tensor(out)
+
+
+def coreset_argmin(features, n_select, start=0):
+    dist = torch.cdist(features, features[[start]]).squeeze(1)
+    out = [start]
+    while len(out) < n_select:
+        dist[out] = float("inf")
+        nxt = int(dist.argmin())
+        out.append(nxt)
+        dist = torch.minimum(dist, torch.cdist(features, features[[nxt]]).squeeze(1))
+    return torch.tensor(out)
+
+
+def coreset_off_by_one(features, n_select, start=0):
+    dist = torch.cdist(features, features[[start]]).squeeze(1)
+    out = []
+    for _ in range(n_select):  # forgets that the start point is already the first centre
+        nxt = int(dist.argmax())
+        out.append(nxt)
+        dist = torch.minimum(dist, torch.cdist(features, features[[nxt]]).squeeze(1))
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("wrong, words", [(coreset_last_centre, "*nearest* chosen centre"),
+                                          (coreset_argmin, "differs at index"),
+                                          (coreset_off_by_one, "differs at index (0,)")])
+def test_coreset_rejects(capsys, wrong, words):
+    ok, out = _verdict(capsys, "greedy_coreset", wrong)
+    assert not ok and words in out
+
+
+# ------------------------------------------------------------------------------------------ flows
+
+
+def coupling_forward(x, st_net):
+    k = x.shape[1] - x.shape[1] // 2
+    s, t = st_net(x[:, :k])
+    return torch.cat([x[:, :k], x[:, k:] * torch.exp(s) + t], 1), s.flatten(1).sum(1)
+
+
+def coupling_inverse(y, st_net):
+    k = y.shape[1] - y.shape[1] // 2
+    s, t = st_net(y[:, :k])
+    return torch.cat([y[:, :k], (y[:, k:] - t) * torch.exp(-s)], 1)
+
+
+def forward_no_logdet(x, st_net):
+    return coupling_forward(x, st_net)[0], torch.zeros(x.shape[0], dtype=x.dtype)
+
+
+def forward_split_half(x, st_net):  # the first D // 2 channels: wrong for odd D
+    k = x.shape[1] // 2
+    s, t = st_net(x[:, :k])
+    return torch.cat([x[:, :k], x[:, k:] * torch.exp(s) + t], 1), s.flatten(1).sum(1)
+
+
+def inverse_wrong_order(y, st_net):
+    k = y.shape[1] - y.shape[1] // 2
+    s, t = st_net(y[:, :k])
+    return torch.cat([y[:, :k], y[:, k:] * torch.exp(-s) - t], 1)
+
+
+def forward_logdet_batch(x, st_net):
+    return coupling_forward(x, st_net)[0], coupling_forward(x, st_net)[1].sum()
+
+
+def test_coupling_student_style_passes(capsys):
+    ok, out = _verdict(capsys, "affine_coupling", coupling_forward, coupling_inverse)
+    assert ok, out
+
+
+@pytest.mark.parametrize("fwd, inv, words", [
+    (forward_no_logdet, coupling_inverse, "log-det is missing"),
+    (forward_split_half, coupling_inverse, "first 3 channels"),
+    (coupling_forward, inverse_wrong_order, "first subtract t"),
+    (forward_logdet_batch, coupling_inverse, "one number per sample"),
+])
+def test_coupling_rejects(capsys, fwd, inv, words):
+    ok, out = _verdict(capsys, "affine_coupling", fwd, inv)
+    assert not ok and words in out
+
+
+# ------------------------------------------------------------------------------------------ SSIM
+
+
+def ssim_student(x, y, blur, data_range=1.0, centred=True, k_squared=True):
+    c1 = (0.01 * data_range) ** 2 if k_squared else 0.01 * data_range
+    c2 = (0.03 * data_range) ** 2 if k_squared else 0.03 * data_range
+    mx, my = blur(x), blur(y)
+    sxx, syy, sxy = blur(x * x), blur(y * y), blur(x * y)
+    if centred:
+        sxx, syy, sxy = sxx - mx ** 2, syy - my ** 2, sxy - mx * my
+    return (2 * mx * my + c1) * (2 * sxy + c2) / ((mx ** 2 + my ** 2 + c1) * (sxx + syy + c2))
+
+
+def test_ssim_student_style_passes(capsys):
+    ok, out = _verdict(capsys, "ssim_map", ssim_student)
+    assert ok, out
+
+
+@pytest.mark.parametrize("kwargs, words", [({"centred": False}, "centred moments"),
+                                           ({"k_squared": False}, "constants are squared")])
+def test_ssim_rejects(capsys, kwargs, words):
+    ok, out = _verdict(capsys, "ssim_map", lambda x, y, b, L=1.0: ssim_student(x, y, b, L, **kwargs))
+    assert not ok and words in out
+
+
+def test_ssim_rejects_hardcoded_range(capsys):
+    ok, out = _verdict(capsys, "ssim_map", lambda x, y, b, L=1.0: ssim_student(x, y, b, 1.0))
+    assert not ok and "data_range" in out and "0..255 scale" in out
+
+
+# ------------------------------------------------------------------------------------------ VQ
+
+
+def quantize_student(z_e, memory, beta, swap_sg=False, straight_through=True):
+    flat = z_e.permute(0, 2, 3, 1).reshape(-1, z_e.shape[1])
+    idx = ((flat[:, None, :] - memory[None]) ** 2).sum(-1).argmin(1).view(z_e.shape[0], *z_e.shape[2:])
+    z_q = memory[idx].permute(0, 3, 1, 2)
+    if swap_sg:
+        loss = torch.mean((z_e - z_q.detach()) ** 2) + beta * torch.mean((z_e.detach() - z_q) ** 2)
+    else:
+        loss = torch.mean((z_e.detach() - z_q) ** 2) + beta * torch.mean((z_e - z_q.detach()) ** 2)
+    z_st = z_e + (z_q - z_e).detach() if straight_through else z_q
+    return z_st, loss, idx
+
+
+def test_quantize_student_style_passes(capsys):
+    ok, out = _verdict(capsys, "quantize", quantize_student)
+    assert ok, out
+
+
+@pytest.mark.parametrize("kwargs, words", [({"swap_sg": True}, "stop-gradients of the loss are on the wrong sides"),
+                                           ({"straight_through": False}, "no straight-through gradient")])
+def test_quantize_rejects(capsys, kwargs, words):
+    ok, out = _verdict(capsys, "quantize", lambda z, m, b: quantize_student(z, m, b, **kwargs))
+    assert not ok and words in out and "grad" in out
+
+
+# ------------------------------------------------------------------------------------------ DDIM
+
+
+def ddim_student(x_t, eps, t, t_next, alpha_bars, negative_index_bug=False, old_level=False):
+    a = alpha_bars[t]
+    a_next = alpha_bars[t_next] if (t_next >= 0 or negative_index_bug) else torch.tensor(1.0, dtype=alpha_bars.dtype)
+    x0 = (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+    return a_next.sqrt() * x0 + (1 - (a if old_level else a_next)).sqrt() * eps
+
+
+def test_ddim_student_style_passes(capsys):
+    ok, out = _verdict(capsys, "ddim_step", ddim_student)
+    assert ok, out
+
+
+@pytest.mark.parametrize("kwargs, words", [({"negative_index_bug": True}, "alpha_bars[-1]"),
+                                           ({"old_level": True}, "*new* level")])
+def test_ddim_rejects(capsys, kwargs, words):
+    ok, out = _verdict(capsys, "ddim_step", lambda *a: ddim_student(*a, **kwargs))
+    assert not ok and words in out
+
+
+# ------------------------------------------------------------------------------------------ behaviour
+
+
+def test_not_implemented_is_reported_not_raised(capsys, monkeypatch):
+    monkeypatch.delenv("VADLAB_LABS_STRICT", raising=False)
+
+    def placeholder(*args):
+        raise NotImplementedError("exercise: write your code here")
+
+    assert labs.check_mahalanobis_map(placeholder) is False
+    assert "not implemented yet" in capsys.readouterr().out
+    monkeypatch.setenv("VADLAB_LABS_STRICT", "1")
+    with pytest.raises(AssertionError, match="not implemented yet"):
+        labs.check_mahalanobis_map(placeholder)
+
+
+def test_crash_is_reported_with_the_case_and_inputs_are_kept(capsys):
+    def crashes(x, mean, precision):
+        return x @ mean  # shapes do not fit
+
+    assert labs.check_mahalanobis_map(crashes, raise_on_fail=False) is False
+    out = capsys.readouterr().out
+    assert "your code raised RuntimeError" in out and "inputs: x=tensor [1, 3, 2, 2]" in out
+    assert labs.last_failure.check == "check_mahalanobis_map"
+    assert set(labs.last_failure.inputs) == {"x", "mean", "precision"}
+
+
+def test_raise_on_fail_raises_with_the_report():
+    with pytest.raises(AssertionError, match="squared distances"):
+        labs.check_mahalanobis_map(maha_squared, raise_on_fail=True)
+
+
+def test_checks_do_not_print_solution_code(capsys):
+    """A failing report names the mistake but shows no code of the reference."""
+    for name, fns in [("mahalanobis_map", (maha_squared,)), ("quantize", (quantize_student,)),
+                      ("affine_coupling", (forward_no_logdet, coupling_inverse))]:
+        _check(name, *fns, raise_on_fail=False)
+    out = capsys.readouterr().out
+    assert "def " not in out and "import " not in out and "vadlab.nn" not in out and "lambda" not in out
+
+
+def test_wrong_shape_is_named(capsys):
+    ok, out = _verdict(capsys, "mahalanobis_map", lambda x, m, p: maha_squared(x, m, p)[:, None])
+    assert not ok and "has shape [1, 1, 2, 2], expected [1, 2, 2]" in out
+
+
+def test_checks_leave_the_global_rng_alone():
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    for name in EXERCISES:
+        ref = labs.reference(name)
+        _check(name, *(ref if isinstance(ref, tuple) else (ref,)), raise_on_fail=True)
+    assert torch.equal(before, torch.random.get_rng_state())
+
+
+# ------------------------------------------------------------------------------------------ student edition
+
+LAB = '''# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+# ---
+
+# %% [markdown]
+# # A lab
+# BEGIN SOLUTION in markdown text is just text
+
+# %%
+import numpy as np
+
+# %% tags=["solution"]
+def f(x):
+    """Docstring stays."""
+    # BEGIN SOLUTION
+    y = x + 1
+    return y
+    # END SOLUTION
+
+# %% tags=["solution"]
+answer = 42
+print(answer)
+
+# %%
+check(f)
+'''
+
+
+def test_student_version_replaces_exactly_the_solution_code():
+    student = labs.student_version(LAB)
+    src_nb, stu_nb = jupytext.reads(LAB, fmt="py:percent"), jupytext.reads(student, fmt="py:percent")
+    assert len(src_nb.cells) == len(stu_nb.cells)
+    for a, b in zip(src_nb.cells, stu_nb.cells):
+        assert a.cell_type == b.cell_type and a.metadata == b.metadata
+        if "solution" in a.metadata.get("tags", []):
+            assert "raise NotImplementedError" in b.source and a.source != b.source
+        else:
+            assert a.source == b.source
+    assert '    """Docstring stays."""\n    # YOUR CODE HERE\n    raise NotImplementedError(' in student
+    assert "x + 1" not in student and "answer = 42" not in student and "END SOLUTION" not in student
+    # the student code runs up to the check: f is defined and raises NotImplementedError when called
+    ns: dict = {}
+    exec(compile(stu_nb.cells[2].source, "<cell>", "exec"), ns)
+    with pytest.raises(NotImplementedError):
+        ns["f"](1)
+    with pytest.raises(NotImplementedError):
+        exec(compile(stu_nb.cells[3].source, "<cell>", "exec"), {})
+
+
+@pytest.mark.parametrize("bad, words", [
+    ("# %%\nx = 1\n# BEGIN SOLUTION\nx = 2\n# END SOLUTION\n", "not tagged solution"),
+    ('# %% tags=["solution"]\n# BEGIN SOLUTION\nx = 2\n', "missing END SOLUTION"),
+    ('# %% tags=["solution"]\nx = 2\n# END SOLUTION\n', "without a matching BEGIN"),
+])
+def test_student_version_rejects_bad_markers(bad, words):
+    with pytest.raises(ValueError, match=words):
+        labs.student_version(bad)
+
+
+def test_the_labs_have_exercises_checks_goals_and_an_open_question():
+    labs_found = sorted(LAB_DIR.glob("lab_*.py"))
+    assert len(labs_found) == 7, labs_found
+    checks_used = set()
+    for path in labs_found:
+        text = path.read_text()
+        nb = jupytext.reads(text, fmt="py:percent")
+        solution = [c for c in nb.cells if "solution" in c.metadata.get("tags", [])]
+        assert solution, f"{path.name} has no cell tagged solution"
+        assert "Learning goals" in text and "Expected time" in text and "dvc repro" in text and "params.yaml" in text
+        student = jupytext.reads(labs.student_version(text, path.name), fmt="py:percent")
+        assert sum("raise NotImplementedError" in c.source for c in student.cells) >= len(solution)
+        for cell in nb.cells:
+            checks_used.update(n for n in EXERCISES if f"check_{n}(" in cell.source)
+    assert checks_used == set(EXERCISES)
+
+
+def test_write_student_labs_copies_the_folder(tmp_path):
+    written = labs.write_student_labs(LAB_DIR, tmp_path / "student")
+    assert {p.name for p in written} == {p.name for p in LAB_DIR.glob("*.py")}
+    assert (tmp_path / "student" / "_toc.yml").read_text() == (LAB_DIR / "_toc.yml").read_text()
+    for p in written:
+        assert "# BEGIN SOLUTION" not in p.read_text()
