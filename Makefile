@@ -5,7 +5,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test repro book browser-check clean
+.PHONY: setup test repro book browser-check labs labs-student labs-instructor clean
 
 setup:
 	@VENV=$(VENV) bash scripts/setup.sh
@@ -23,6 +23,14 @@ book: setup
 
 browser-check: book
 	$(BIN)/python scripts/browser_check.py book/_build/html/padim.html --min-images 3
+
+labs-student: setup
+	PATH=$(abspath $(BIN)):$$PATH bash scripts/build_labs.sh student
+
+labs-instructor: setup
+	PATH=$(abspath $(BIN)):$$PATH bash scripts/build_labs.sh instructor
+
+labs: labs-student labs-instructor
 
 clean:
 	rm -rf book/_build build

@@ -11,15 +11,22 @@
 # ---
 
 # %% [markdown]
-# # Stage `tables`: aggregate every `metrics.json` into CSV and markdown tables
+# # Stage `tables`: aggregate every run's metrics into CSV and markdown tables
 #
-# Reads `results/<dataset>/<method>/<category>/metrics.json` for the methods and categories selected in
-# `params.yaml` and writes `results/tables/` (read by the book) and `results/summary.json` (a DVC metric:
-# the mean over categories per method).
+# Reads `results/<dataset>/<run>/<category>/metrics.json` (per-category protocol),
+# `results/<dataset>/unified/<run>/<category>/metrics.json` (multi-class protocol) and
+# `results/digits/<run>.json` (one-class digits) for the runs selected in `params.yaml`, and writes
+# `results/tables/` (read by the book) and `results/summary.json` (a DVC metric: means per run).
+#
+# Layout of the seeds' tables: one table per metric, categories as rows, methods as columns, and a last
+# row with the mean over categories (each category weighs the same).
 
 # %% tags=["parameters"]
 data = {"name": "synthetic", "root": "build/synthetic", "categories": ["brick"]}
 run_methods = ["padim"]
+unified_methods = []
+digits = {"image_size": 32, "digits": list(range(10)), "runs": {}}
+methods = {"padim": {"image_size": 256, "preset": "paper"}}
 results_root = "results"
 
 # %%
@@ -33,51 +40,141 @@ COSTS = ["fit_seconds", "predict_seconds_per_image", "peak_memory_mb", "n_parame
 root = Path(results_root)
 tables = root / "tables"
 tables.mkdir(parents=True, exist_ok=True)
+categories = list(data["categories"])
 
-rows, missing = [], []
-for method in run_methods:
-    for category in data["categories"]:
-        path = root / data["name"] / method / category / "metrics.json"
-        if not path.is_file():
-            missing.append(str(path))
-            continue
-        m = json.loads(path.read_text())
-        rows.append({"dataset": data["name"], "method": method, "category": category,
-                     "image_size": m.get("image_size"), **{k: m.get(k) for k in METRICS + COSTS}})
-if missing:
-    raise FileNotFoundError(f"metrics missing for {len(missing)} runs, e.g. {missing[:3]}: run `dvc repro`")
-per_category = pd.DataFrame(rows)
-per_category[METRICS] = per_category[METRICS].astype(float)
-per_category
+
+def collect(base: Path, runs: list[str], protocol: str) -> pd.DataFrame:
+    """One row per (run, category) from ``base/<run>/<category>/metrics.json``; a clear error if any is missing."""
+    rows, missing = [], []
+    for run in runs:
+        for category in categories:
+            path = base / run / category / "metrics.json"
+            if not path.is_file():
+                missing.append(str(path))
+                continue
+            m = json.loads(path.read_text())
+            rows.append({"dataset": data["name"], "protocol": protocol, "method": run,
+                         "implementation": m.get("method", run), "category": category,
+                         "image_size": m.get("image_size"), **{k: m.get(k) for k in METRICS + COSTS}})
+    if missing:
+        raise FileNotFoundError(f"metrics missing for {len(missing)} runs, e.g. {missing[:3]}: run `dvc repro`")
+    frame = pd.DataFrame(rows)
+    if len(frame):
+        frame[METRICS + COSTS] = frame[METRICS + COSTS].astype(float)
+    return frame
+
+
+def by_category(frame: pd.DataFrame, metric: str, runs: list[str]) -> pd.DataFrame:
+    """Categories as rows, runs as columns, plus the mean row (the seeds' layout)."""
+    pivot = frame.pivot(index="category", columns="method", values=metric).reindex(index=categories, columns=runs)
+    pivot.loc["mean"] = pivot.mean(axis=0)
+    pivot.index.name = "category"
+    pivot.columns.name = None
+    return pivot
+
+
+def to_markdown(df: pd.DataFrame, digits: int = 3) -> str:
+    """GitHub-flavoured markdown table with fixed decimals."""
+    return df.to_markdown(floatfmt=f".{digits}f") + "\n"
+
+
+def write(df: pd.DataFrame, name: str, digits: int = 3) -> None:
+    df.to_csv(tables / f"{name}.csv", float_format="%.6g")
+    (tables / f"{name}.md").write_text(to_markdown(df, digits))
+
+
+per_category = collect(root / data["name"], list(run_methods), "per-category")
+per_category.to_csv(tables / "per_category.csv", index=False, float_format="%.6g")
+per_category.head()
 
 # %% [markdown]
-# Means over categories (each category weighs the same, as in the papers' tables).
+# ## Per-category protocol: one table per metric
 
 # %%
-summary = (per_category.groupby("method", sort=False)[METRICS + COSTS].mean()
-           .reindex(run_methods).reset_index())
-summary.insert(1, "n_categories", per_category.groupby("method", sort=False).size().reindex(run_methods).values)
-summary
+for metric in METRICS:
+    write(by_category(per_category, metric, list(run_methods)), metric)
+by_category(per_category, "image_auroc", list(run_methods)).round(3)
+
+# %% [markdown]
+# ## Summary and cost: means over categories
+#
+# Costs per category (one model): fit seconds, prediction seconds per image, peak resident memory of the
+# process in MiB, and parameters (learnt weights and stored statistics or memory banks; frozen pretrained
+# backbones excluded).
 
 # %%
-def to_markdown(df: pd.DataFrame, digits: int = 3) -> str:
-    """GitHub-flavoured markdown table with fixed decimals (integers stay integers)."""
-    return df.to_markdown(index=False, floatfmt=f".{digits}f") + "\n"
-
-
-per_category.to_csv(tables / "per_category.csv", index=False, float_format="%.6g")
-summary.to_csv(tables / "summary.csv", index=False, float_format="%.6g")
-(tables / "per_category.md").write_text(to_markdown(per_category.drop(columns=["dataset"])))
+summary = (per_category.groupby("method", sort=False)[METRICS + COSTS].mean().reindex(run_methods))
+summary.insert(0, "image_size", per_category.groupby("method", sort=False)["image_size"].first().reindex(run_methods))
+summary.insert(0, "implementation",
+               per_category.groupby("method", sort=False)["implementation"].first().reindex(run_methods))
+summary.index.name = "method"
+summary.to_csv(tables / "summary.csv", float_format="%.6g")
 (tables / "summary.md").write_text(to_markdown(summary))
-for metric in ("image_auroc", "pixel_auroc", "aupro"):
-    pivot = per_category.pivot(index="method", columns="category", values=metric).reindex(
-        index=run_methods, columns=data["categories"])
-    pivot["mean"] = pivot.mean(axis=1)
-    pivot.reset_index().to_csv(tables / f"{metric}.csv", index=False, float_format="%.6g")
-    (tables / f"{metric}.md").write_text(to_markdown(pivot.reset_index()))
 
-dvc_metrics = {"dataset": data["name"],
-               **{m: {k: round(float(v), 6) for k, v in r.items() if k in METRICS}
-                  for m, r in summary.set_index("method").iterrows()}}
+cost = pd.DataFrame({
+    "image size (px)": summary["image_size"].astype(int),
+    "fit (s per category)": summary["fit_seconds"],
+    "inference (ms per image)": 1000 * summary["predict_seconds_per_image"],
+    "peak memory (MiB)": summary["peak_memory_mb"],
+    "parameters (M)": summary["n_parameters"] / 1e6,
+    "image AUROC": summary["image_auroc"],
+})
+write(cost, "cost", 2)
+cost.round(2)
+
+# %% [markdown]
+# ## Multi-class (unified) protocol
+
+# %%
+unified = collect(root / data["name"] / "unified", list(unified_methods), "unified")
+unified.to_csv(tables / "unified_per_category.csv", index=False, float_format="%.6g")
+if len(unified):
+    for metric in METRICS:
+        write(by_category(unified, metric, list(unified_methods)), f"unified_{metric}")
+    # the same methods fitted per category, next to their unified mean (what one model for all costs)
+    both = [m for m in unified_methods if m in run_methods]
+    rows = []
+    for m in unified_methods:
+        rows.append({"method": m, "protocol": "unified", **unified[unified.method == m][METRICS].mean().to_dict(),
+                     "fit_seconds": float(unified[unified.method == m]["fit_seconds"].iloc[0]),
+                     "models": 1})
+        if m in both:
+            sep = per_category[per_category.method == m]
+            rows.append({"method": m, "protocol": "per-category", **sep[METRICS].mean().to_dict(),
+                         "fit_seconds": float(sep["fit_seconds"].sum()), "models": len(categories)})
+    comparison = pd.DataFrame(rows).set_index("method")
+    write(comparison, "unified_vs_per_category")
+    display_table = by_category(unified, "image_auroc", list(unified_methods)).round(3)
+else:
+    display_table = None
+display_table
+
+# %% [markdown]
+# ## One-class digits protocol
+
+# %%
+digit_runs = list(digits.get("runs") or {})
+columns = {}
+for run in digit_runs:
+    path = root / "digits" / f"{run}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run `dvc repro`")
+    r = json.loads(path.read_text())
+    columns[run] = {int(d): float(a) for d, a in r["image_auroc"].items()}
+digits_table = pd.DataFrame(columns).reindex(index=[int(d) for d in digits["digits"]], columns=digit_runs)
+digits_table.index.name = "digit"
+if digit_runs:
+    digits_table.loc["mean"] = digits_table.mean(axis=0)
+    write(digits_table, "digits")
+digits_table.round(3)
+
+# %%
+dvc_metrics = {
+    "dataset": data["name"],
+    "per_category": {m: {k: round(float(v), 6) for k, v in r.items()} for m, r in summary[METRICS].iterrows()},
+    "unified": ({m: {k: round(float(v), 6) for k, v in unified[unified.method == m][METRICS].mean().items()}
+                 for m in unified_methods} if len(unified) else {}),
+    "digits": {run: round(float(digits_table.loc["mean", run]), 6) for run in digit_runs},
+}
 (root / "summary.json").write_text(json.dumps(dvc_metrics, indent=2) + "\n")
 print(sorted(p.name for p in tables.iterdir()))

@@ -459,5 +459,9 @@ def test_write_student_labs_copies_the_folder(tmp_path):
     written = labs.write_student_labs(LAB_DIR, tmp_path / "student")
     assert {p.name for p in written} == {p.name for p in LAB_DIR.glob("*.py")}
     assert (tmp_path / "student" / "_toc.yml").read_text() == (LAB_DIR / "_toc.yml").read_text()
+    assert 'title: "vadlab course labs (student edition)"' in (tmp_path / "student" / "_config.yml").read_text()
     for p in written:
         assert "# BEGIN SOLUTION" not in p.read_text()
+    teacher = labs.write_lab_edition(LAB_DIR, tmp_path / "instructor", "instructor")
+    for p in teacher:
+        assert p.read_text() == (LAB_DIR / p.name).read_text()

@@ -19,8 +19,8 @@ student can call the function on them and debug.
 Student edition: :func:`student_version` turns a lab's jupytext source into the student's: in cells
 tagged ``solution`` the lines between ``# BEGIN SOLUTION`` and ``# END SOLUTION`` become a
 ``raise NotImplementedError`` placeholder (same indentation); a solution cell without markers is emptied
-entirely.  Everything else is kept byte for byte.  ``python -m vadlab.labs student SRC DST`` writes a
-student copy of a lab folder (used by ``scripts/build_labs.sh``).
+entirely.  Everything else is kept byte for byte.  ``python -m vadlab.labs student|instructor SRC DST``
+writes a copy of a lab folder as one edition (used by ``scripts/build_labs.sh``).
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ __all__ = [
     "show_params",
     "results_table",
     "student_version",
+    "write_lab_edition",
     "write_student_labs",
 ]
 
@@ -401,9 +402,10 @@ def _aupro_cases() -> list[_Case]:
     maps[1, 5:7, 5] -= 0.6  # the small region is harder to find
     # diagonal neighbours: one region with 8-connectivity, two with 4-connectivity
     diag_m = np.zeros((1, 6, 6), dtype=bool)
-    diag_m[0, 1, 1] = diag_m[0, 2, 2] = diag_m[0, 3, 3] = diag_m[0, 2, 4] = True
+    diag_m[0, 1:3, 1:3] = True  # a 2x2 block ...
+    diag_m[0, 3, 3] = True  # ... and one pixel touching it diagonally: one region of 5 pixels, not 4 + 1
     diag_s = rng.normal(0, 1, diag_m.shape) + 1.0 * diag_m
-    diag_s[0, 1, 1] += 2.0
+    diag_s[0, 3, 3] += 3.0
     # regions in the last row of image 0 and the first row of image 1: separate regions
     stack_m = np.zeros((2, 5, 5), dtype=bool)
     stack_m[0, 4, 0:3] = True
@@ -510,7 +512,8 @@ def check_mahalanobis_map(mahalanobis_map: Callable[[torch.Tensor, torch.Tensor,
                  "these are squared distances: the map is the square root of (x - mu)^T P (x - mu)"),
         _Mistake(lambda x, m, p: _ref_mahalanobis_map(x, m, torch.linalg.inv(p)),
                  "`precision` already is the inverse covariance: do not invert it again"),
-        _Mistake(lambda x, m, p: _ref_mahalanobis_map(x.reshape(x.shape[0], *x.shape[2:], x.shape[1]), m, p),
+        _Mistake(lambda x, m, p: _ref_mahalanobis_map(
+            x.reshape(x.shape[0], *x.shape[2:], x.shape[1]).permute(0, 3, 1, 2), m, p),
                  "x is [B, D, H, W]: move the feature axis last with permute(0, 2, 3, 1); reshape keeps the memory "
                  "order and mixes features with positions"),
         _Mistake(lambda x, m, p: _ref_mahalanobis_map(x, m, p[:1, :1].expand_as(p)),
@@ -1033,34 +1036,47 @@ def show_params(method: str) -> dict | None:
 
     params = yaml.safe_load((project_root() / "params.yaml").read_text())
     settings = (params.get("methods") or {}).get(method)
-    running = method in (params.get("run_methods") or [])
+    stages = [key for key in ("run_methods", "unified_methods") if method in (params.get(key) or [])]
     if settings is None:
-        print(f"params.yaml has no `methods.{method}` entry yet (run_methods = {params.get('run_methods')})")
+        print(f"params.yaml has no `methods.{method}` entry yet")
     else:
-        print(f"methods.{method} in params.yaml: {settings}\n"
-              f"{method} is {'' if running else 'NOT '}in run_methods = {params.get('run_methods')}")
+        print(f"methods.{method} in params.yaml: {settings}")
+    print(f"{method} is listed in: {', '.join(stages) if stages else 'no stage (add it to run_methods)'}")
     return settings
 
 
 def results_table(method: str | None = None):
-    """The pipeline's per-category results (results/tables/per_category.csv) as a DataFrame, or None.
+    """The pipeline's per-category results of ``method`` (all methods if None) as a DataFrame, or None.
 
-    ``method`` keeps only its rows.  Prints what to run when the table does not exist yet.
+    Reads results/tables/per_category.csv; for a method without rows there, the first other table under
+    results/tables/ that has rows for it (e.g. the multi-class protocol's).  Prints what to run when nothing
+    exists yet.
     """
     import pandas as pd
 
-    path = project_root() / "results" / "tables" / "per_category.csv"
-    if not path.is_file():
-        print(f"{path.relative_to(project_root())} does not exist yet: run `dvc repro` in the project root")
-        return None
-    table = pd.read_csv(path)
-    if method is not None:
-        table = table[table["method"] == method]
+    root = project_root()
+    tables = root / "results" / "tables"
+    main = tables / "per_category.csv"
+    candidates = [main] + sorted(p for p in tables.glob("*.csv") if p != main)
+    for path in candidates:
+        if not path.is_file():
+            continue
+        table = pd.read_csv(path)
+        if "method" not in table.columns:
+            continue
+        if method is not None:
+            table = table[table["method"] == method]
         if table.empty:
-            print(f"no rows for {method!r} yet: add it to run_methods in params.yaml and run `dvc repro`")
-    cols = [c for c in ("method", "category", "image_size", "image_auroc", "pixel_auroc", "aupro", "pixel_ap",
-                        "fit_seconds") if c in table.columns]
-    return table[cols].reset_index(drop=True)
+            continue
+        if path != main:
+            print(f"rows for {method} from {path.relative_to(root)}")
+        cols = [c for c in ("method", "category", "image_size", "image_auroc", "pixel_auroc", "aupro", "pixel_ap",
+                            "fit_seconds") if c in table.columns]
+        return table[cols].reset_index(drop=True)
+    what = f"rows for {method!r}" if method else "results"
+    print(f"no {what} under {tables.relative_to(root)} yet: run `dvc repro` in the repository root (and make sure "
+          f"the method is listed in run_methods or unified_methods in params.yaml)")
+    return None
 
 
 # ============================================================================================
@@ -1143,19 +1159,26 @@ def student_version(source: str, name: str = "<lab>") -> str:
     return "".join(out)
 
 
-def write_student_labs(src: str | Path, dst: str | Path) -> list[Path]:
-    """Copy the lab folder ``src`` to ``dst`` with every ``*.py`` lab turned into its student edition.
+EDITIONS = ("student", "instructor")
 
-    Other files are copied as they are.  Returns the written lab files.
+
+def write_lab_edition(src: str | Path, dst: str | Path, edition: str = "student") -> list[Path]:
+    """Copy the lab folder ``src`` to ``dst`` as one edition; return the written lab files (``*.py``).
+
+    ``student``: every ``*.py`` lab becomes its :func:`student_version`; ``instructor``: copied unchanged.
+    The book title in ``_config.yml`` gets the edition's name; other files are copied as they are
+    (build outputs and checkpoints are skipped).
     """
+    if edition not in EDITIONS:
+        raise ValueError(f"edition must be one of {EDITIONS}, got {edition!r}")
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise FileNotFoundError(f"lab folder {src} does not exist")
     if dst.resolve() == src.resolve():
-        raise ValueError("the student copy must go to another folder than the sources")
+        raise ValueError("the copy must go to another folder than the sources")
     written = []
     for path in sorted(src.rglob("*")):
-        if "_build" in path.parts or "__pycache__" in path.parts or ".ipynb_checkpoints" in path.parts:
+        if {"_build", "__pycache__", ".ipynb_checkpoints"} & set(path.parts):
             continue
         target = dst / path.relative_to(src)
         if path.is_dir():
@@ -1163,19 +1186,28 @@ def write_student_labs(src: str | Path, dst: str | Path) -> list[Path]:
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix == ".py":
-            target.write_text(student_version(path.read_text(), name=str(path)))
+            text = path.read_text()
+            target.write_text(student_version(text, name=str(path)) if edition == "student" else text)
             written.append(target)
+        elif path.name == "_config.yml" and path.parent == src:
+            target.write_text(re.sub(r'^title: "(.*)"$', rf'title: "\1 ({edition} edition)"', path.read_text(),
+                                     count=1, flags=re.M))
         else:
             shutil.copy2(path, target)
     return written
 
 
+def write_student_labs(src: str | Path, dst: str | Path) -> list[Path]:
+    """The student edition of the lab folder ``src`` in ``dst`` (see :func:`write_lab_edition`)."""
+    return write_lab_edition(src, dst, "student")
+
+
 def _main(argv: list[str]) -> int:
-    if len(argv) != 3 or argv[0] != "student":
-        print("usage: python -m vadlab.labs student SRC_DIR DST_DIR", file=sys.stderr)
+    if len(argv) != 3 or argv[0] not in EDITIONS:
+        print("usage: python -m vadlab.labs student|instructor SRC_DIR DST_DIR", file=sys.stderr)
         return 2
-    for path in write_student_labs(argv[1], argv[2]):
-        print(f"student edition: {path}")
+    for path in write_lab_edition(argv[1], argv[2], argv[0]):
+        print(f"{argv[0]} edition: {path}")
     return 0
 
 

@@ -1,0 +1,95 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Stage `digits`: the one-class digits protocol
+#
+# The MNIST protocol of DMAD and many reconstruction papers, on scikit-learn's 8x8 digits (offline):
+# for each digit, fit on the training images of that digit only and compute the image AUROC of every
+# other test digit against it (`vadlab.evaluate_digits.run_digits`). `dvc repro` runs this notebook once
+# per run under `digits.runs` in `params.yaml` (`-p run R`) and writes `results/digits/<R>.json` with the
+# AUROC per digit and the mean. The digits are independent, so `jobs` of them run at once in worker
+# processes (each seeds itself).
+
+# %% tags=["parameters"]
+run = "dmad"
+seed = 0
+jobs = 1
+digits = {"image_size": 32, "digits": list(range(10)), "runs": {"dmad": {"method": "dmad", "preset": "digits"}}}
+results_root = "results"
+
+# %%
+import importlib
+import json
+import multiprocessing
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import pandas as pd
+
+from vadlab.evaluate_digits import run_digits
+from vadlab.methods import get_method, preset_overrides
+
+
+def run_all(fn, calls: list[dict], jobs: int) -> list:
+    """``fn(**kwargs)`` for every kwargs in ``calls``, ``jobs`` at a time in worker processes (1: in this one)."""
+    n = max(1, min(int(jobs), len(calls)))
+    if n == 1:
+        return [fn(**kwargs) for kwargs in calls]
+    threads = max(1, int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)) // n)
+    keys = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TQDM_DISABLE")
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TQDM_DISABLE="1")
+    try:  # spawned children read the environment at start-up
+        with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(fn, **kwargs) for kwargs in calls]
+            return [f.result() for f in futures]
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def digits_overrides(name: str, preset: str | None) -> dict:
+    """``preset: digits`` = the method module's DIGITS_PRESET; otherwise as for the image datasets."""
+    if preset != "digits":
+        return preset_overrides(name, preset)
+    module = sys.modules[get_method(name).__module__]
+    if not hasattr(module, "DIGITS_PRESET"):
+        raise ValueError(f"method {name!r} defines no DIGITS_PRESET; use preset paper or cpu in digits.runs")
+    return dict(module.DIGITS_PRESET)
+
+
+settings = digits["runs"][run]
+implementation = settings.get("method", run)
+overrides = {**digits_overrides(implementation, settings.get("preset", "paper")), **(settings.get("set") or {})}
+print(f"digits run {run} ({implementation}) at {digits['image_size']} px, {jobs} jobs, overrides {overrides}")
+
+# %%
+start = time.perf_counter()
+calls = [dict(method_name=implementation, digits=[int(d)], image_size=int(digits["image_size"]),
+              overrides=overrides, seed=int(seed)) for d in digits["digits"]]
+per_digit = {int(d): r[int(d)] for d, r in zip(digits["digits"], run_all(run_digits, calls, jobs))}
+wall = time.perf_counter() - start
+result = {"run": run, "method": implementation, "image_size": int(digits["image_size"]), "overrides": overrides,
+          "stage_seconds": round(wall, 1),
+          "image_auroc": {str(d): round(a, 6) for d, a in per_digit.items()},
+          "mean": round(sum(per_digit.values()) / len(per_digit), 6)}
+out = Path(results_root) / "digits"
+out.mkdir(parents=True, exist_ok=True)
+(out / f"{run}.json").write_text(json.dumps(result, indent=2, default=list) + "\n")
+pd.Series(per_digit, name="image AUROC").to_frame().T

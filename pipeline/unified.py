@@ -1,0 +1,67 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Stage `unified`: one model for every category (the multi-class protocol)
+#
+# DiAD's setting (and UniAD's before it): a single model is fitted on the normal training images of *all*
+# categories together and then evaluated on each category's test split, without being told the category.
+# `dvc repro` runs this notebook once per run of `unified_methods` (`-p method M`); settings come from
+# `methods.<M>` in `params.yaml`, as for the per-category stage. Writes
+# `results/<dataset>/unified/<run>/<category>/` (metrics.json, predictions.npz, overlays/) via
+# `vadlab.evaluate.run_unified`, and all categories' metrics in `results/<dataset>/metrics/unified-<run>.json`.
+
+# %% tags=["parameters"]
+method = "padim"
+seed = 0
+data = {"name": "synthetic", "root": "build/synthetic", "categories": ["brick"]}
+methods = {"padim": {"image_size": 256, "preset": "paper", "set": {}}}
+results_root = "results"
+
+# %%
+import json
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from vadlab.evaluate import run_unified
+from vadlab.methods import preset_overrides
+
+if method not in methods:
+    raise KeyError(f"params.yaml has no settings for run {method!r} under `methods:`")
+settings = methods[method]
+implementation = settings.get("method", method)
+overrides = {**preset_overrides(implementation, settings.get("preset", "paper")), **(settings.get("set") or {})}
+image_size = int(settings["image_size"])
+out_root = Path(results_root) / data["name"]
+print(f"unified {method} ({implementation}) on {data['name']} {data['categories']} at {image_size} px, "
+      f"overrides {overrides}")
+
+# %%
+start = time.perf_counter()
+results = run_unified(implementation, data["root"], list(data["categories"]), image_size=image_size,
+                      overrides=overrides, out_dir=out_root / "unified" / method, seed=int(seed))
+wall = time.perf_counter() - start
+print(f"one model, {len(results)} categories, {wall:.0f} s")
+
+# %%
+KEYS = ("image_auroc", "pixel_auroc", "aupro", "pixel_ap", "image_f1max", "pixel_f1max", "fit_seconds",
+        "predict_seconds_per_image", "peak_memory_mb", "n_parameters")
+table = pd.DataFrame({c: {k: m[k] for k in KEYS} for c, m in results.items()}).T
+table.loc["mean"] = table.mean()
+metrics = {"run": method, "method": implementation, "protocol": "unified", "image_size": image_size,
+           "stage_seconds": round(wall, 1),
+           **{c: {k: round(float(v), 6) for k, v in row.items()} for c, row in table.iterrows()}}
+(out_root / "metrics").mkdir(parents=True, exist_ok=True)
+(out_root / "metrics" / f"unified-{method}.json").write_text(json.dumps(metrics, indent=2) + "\n")
+table
