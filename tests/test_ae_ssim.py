@@ -12,7 +12,8 @@ from vadlab.methods.ae_ssim import AESSIM, AESSIMConfig, ConvAutoencoder
 
 @pytest.fixture(scope="module")
 def brick(tmp_path_factory):
-    root = generate(tmp_path_factory.mktemp("synth"), seed=0, categories=["brick"], n_train=40, n_test=30, size=64)
+    # drawn at 128 px and read at 64 px (antialiased), so defects keep the look of the full-size data
+    root = generate(tmp_path_factory.mktemp("synth"), seed=0, categories=["brick"], n_train=100, n_test=40, size=128)
     train = MVTecDataset(root, "brick", "train", 64)
     test = MVTecDataset(root, "brick", "test", 64)
     x = torch.stack([train[i]["image"] for i in range(len(train))])
@@ -24,7 +25,7 @@ def brick(tmp_path_factory):
 @pytest.fixture(scope="module")
 def fitted(brick):
     x = brick[0]
-    model = AESSIM(image_size=64, latent_dim=64, bottleneck_grid=1, epochs=40, batch_size=8, lr=1e-3)
+    model = AESSIM(image_size=64, latent_dim=64, bottleneck_grid=1, epochs=60, batch_size=8, lr=1e-3)
     return model.fit([x[i:i + 8] for i in range(0, len(x), 8)])
 
 
@@ -35,11 +36,15 @@ def test_registry_and_preset():
 
 
 def test_trains_and_scores_generated_images(fitted, brick):
-    # AE-SSIM is the weak baseline: with a unit-test budget its autoencoder barely leaves the "mean
-    # image" stage on textures, so this test checks training and output, not separation (see report)
+    # AE-SSIM is the weak baseline (Bergmann et al. train 200 epochs).  With a unit-test budget (100 train
+    # images, 60 epochs, 64 px) its 1x1 bottleneck barely leaves the "mean image" stage: measured pixel
+    # AUROC 0.822 but image AUROC 0.49 on brick (0.44 grass, 0.54 gravel), so the issue's 0.85 image bar is
+    # not asserted here; the cpu preset on the full brick category reaches image 0.71 / pixel 0.83.
+    # Asserted: the 1 - SSIM maps localise the generated defects clearly above chance.
     _, test, labels, masks = brick
     scores, maps = fitted.predict(test)
     assert scores.shape == (len(test),) and maps.shape == (len(test), 64, 64)
+    assert roc_auc_score(masks.flatten().numpy() > 0.5, maps.flatten().numpy()) >= 0.78
     assert torch.isfinite(maps).all() and (maps >= -1e-6).all() and (maps <= 2 + 1e-6).all()
     assert fitted.history[-1]["loss"] < fitted.history[0]["loss"]
 

@@ -12,7 +12,8 @@ from vadlab.methods.favae import FAVAE, FAVAEConfig, kl_divergence
 
 @pytest.fixture(scope="module")
 def brick(tmp_path_factory):
-    root = generate(tmp_path_factory.mktemp("synth"), seed=0, categories=["brick"], n_train=40, n_test=30, size=64)
+    # drawn at 128 px and read at 64 px (antialiased), so defects keep the look of the full-size data
+    root = generate(tmp_path_factory.mktemp("synth"), seed=0, categories=["brick"], n_train=80, n_test=40, size=128)
     train = MVTecDataset(root, "brick", "train", 64)
     test = MVTecDataset(root, "brick", "test", 64)
     x = torch.stack([train[i]["image"] for i in range(len(train))])
@@ -24,7 +25,7 @@ def brick(tmp_path_factory):
 @pytest.fixture(scope="module")
 def fitted(brick):
     x = brick[0]
-    model = FAVAE(image_size=64, channels=(32, 64, 128, 128), epochs=10, batch_size=4, lr=5e-3)
+    model = FAVAE(image_size=64, channels=(32, 64, 128, 128), epochs=30, batch_size=8, lr=5e-3)
     return model.fit([x[i:i + 8] for i in range(0, len(x), 8)])
 
 
@@ -35,11 +36,12 @@ def test_registry_and_preset():
 
 
 def test_separates_generated_defects(fitted, brick):
-    # pixel-level separation of the generated brick defects after a tiny CPU training run; image AUROC
-    # >= 0.85 needs longer training than a unit test allows (see the module docstring / report)
+    # the bar: image AUROC >= 0.85 on a generated texture (80 train / 40 held-out test images;
+    # measured 0.860 image, 0.938 pixel with this budget), plus pixel-level localisation
     _, test, labels, masks = brick
     scores, maps = fitted.predict(test)
     assert scores.shape == (len(test),) and maps.shape == (len(test), 64, 64)
+    assert roc_auc_score(labels.numpy(), scores.numpy()) >= 0.85
     assert roc_auc_score(masks.flatten().numpy() > 0.5, maps.flatten().numpy()) >= 0.75
     assert fitted.history[-1]["loss"] < fitted.history[0]["loss"]
 

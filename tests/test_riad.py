@@ -12,7 +12,7 @@ from vadlab.methods.riad import RIAD, RIADConfig, cell_sizes, inpainting_masks
 
 @pytest.fixture(scope="module")
 def brick(tmp_path_factory):
-    root = generate(tmp_path_factory.mktemp("synth"), seed=0, categories=["brick"], n_train=40, n_test=30, size=64)
+    root = generate(tmp_path_factory.mktemp("synth"), seed=0, categories=["brick"], n_train=40, n_test=40, size=64)
     train = MVTecDataset(root, "brick", "train", 64)
     test = MVTecDataset(root, "brick", "test", 64)
     x = torch.stack([train[i]["image"] for i in range(len(train))])
@@ -24,7 +24,7 @@ def brick(tmp_path_factory):
 @pytest.fixture(scope="module")
 def fitted(brick):
     x = brick[0]
-    model = RIAD(image_size=64, channels=(16, 32, 64, 128), epochs=10, batch_size=8, lr=1e-3)
+    model = RIAD(image_size=64, channels=(16, 32, 64, 128), epochs=20, batch_size=4, lr=1e-3)
     return model.fit([x[i:i + 8] for i in range(0, len(x), 8)])
 
 
@@ -35,12 +35,16 @@ def test_registry_and_preset():
 
 
 def test_separates_generated_defects(fitted, brick):
-    # pixel-level separation of the generated brick defects after a tiny CPU training run; image AUROC
-    # >= 0.85 needs longer training than a unit test allows (see the module docstring / report)
+    # 40 train / 40 held-out test brick images at 64 px, 20 epochs: measured image AUROC 0.833, pixel 0.966.
+    # The 0.85 image bar is not reached in a unit-test budget: at 64 px the deliberately subtle
+    # quarter of the defects (1-2 px lines at 256 px) shrink below a pixel, and longer runs here plateaued
+    # at 0.81-0.83 (25 and 40 epochs, 80 train images, 96 px).  The cpu preset on the full generated brick
+    # category (200 train / 80 test) gives 0.842.  Asserted: clear image-level separation and sharp maps.
     _, test, labels, masks = brick
     scores, maps = fitted.predict(test)
     assert scores.shape == (len(test),) and maps.shape == (len(test), 64, 64)
-    assert roc_auc_score(masks.flatten().numpy() > 0.5, maps.flatten().numpy()) >= 0.75
+    assert roc_auc_score(labels.numpy(), scores.numpy()) >= 0.80
+    assert roc_auc_score(masks.flatten().numpy() > 0.5, maps.flatten().numpy()) >= 0.90
     assert fitted.history[-1]["loss"] < fitted.history[0]["loss"]
 
 
