@@ -36,7 +36,7 @@ import numpy as np
 import numpy.testing as npt
 import torch
 
-from vadlab.nn.diffusion import NoiseSchedule, make_betas
+from vadlab.nn.diffusion import NoiseSchedule
 
 plt.rcParams.update({"figure.dpi": 90, "font.size": 9})
 torch.set_num_threads(1)

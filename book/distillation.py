@@ -32,7 +32,6 @@ import math
 import tempfile
 
 import matplotlib.pyplot as plt
-import numpy as np
 import torch
 import torch.nn.functional as F
 

@@ -25,7 +25,6 @@
 # %%
 import inspect
 import math
-import os
 import tempfile
 from pathlib import Path
 
@@ -34,7 +33,7 @@ import numpy as np
 import numpy.testing as npt
 import pandas as pd
 import torch
-from IPython.display import Image, Markdown, display
+from IPython.display import Markdown, display
 from scipy import stats
 from sklearn.datasets import make_moons
 
@@ -411,20 +410,7 @@ print("CFLOW-AD training maxima m_k:", cflow.train_max_logp.numpy().round(3))
 # small-CPU presets (`CFlowConfig.cpu_preset()`, `PyramidFlowConfig.cpu_preset()`) at 128 px.
 
 # %%
-RESULTS = Path("..") / "results"
-ALLOW_MISSING = os.environ.get("VADLAB_BOOK_ALLOW_MISSING_RESULTS") == "1"
-
-
-def pipeline_file(relative: str) -> Path | None:
-    """A pipeline output; a clear error if `dvc repro` has not produced it (unless explicitly allowed)."""
-    path = RESULTS / relative
-    if path.is_file():
-        return path
-    if ALLOW_MISSING:
-        display(Markdown(f"```{{note}}\n`results/{relative}` is missing: run `dvc repro` to produce it.\n```"))
-        return None
-    raise FileNotFoundError(f"{path} is missing: run `dvc repro` (or `make repro`) before building the book")
-
+from vadlab.report import pipeline_file
 
 table_path = pipeline_file("tables/per_category.csv")
 if table_path is not None:

@@ -24,7 +24,6 @@
 
 # %%
 import inspect
-import os
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -32,7 +31,7 @@ import numpy as np
 import numpy.testing as npt
 import pandas as pd
 import torch
-from IPython.display import Image, Markdown, display
+from IPython.display import Image, display
 from scipy import stats
 
 from vadlab.data import DEFECT_KINDS, render_sample
@@ -333,20 +332,7 @@ print(f"saved model: {size_mb:.1f} MiB (mean and precision for {spread.numel()} 
 # `params.yaml` (`methods.padim`). The book reads the files; it does not recompute them.
 
 # %%
-RESULTS = Path("..") / "results"
-ALLOW_MISSING = os.environ.get("VADLAB_BOOK_ALLOW_MISSING_RESULTS") == "1"
-
-
-def pipeline_file(relative: str) -> Path | None:
-    """A pipeline output; a clear error if `dvc repro` has not produced it (unless explicitly allowed)."""
-    path = RESULTS / relative
-    if path.is_file():
-        return path
-    if ALLOW_MISSING:
-        display(Markdown(f"```{{note}}\n`results/{relative}` is missing: run `dvc repro` to produce it.\n```"))
-        return None
-    raise FileNotFoundError(f"{path} is missing: run `dvc repro` (or `make repro`) before building the book")
-
+from vadlab.report import pipeline_file
 
 table_path = pipeline_file("tables/per_category.csv")
 if table_path is not None:

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from skimage.metrics import structural_similarity
 
-from vadlab.nn.similarity import gms_map, msgms_loss, msgms_map, ssim, ssim_map
+from vadlab.nn.similarity import gms_map, msgms_loss, ssim, ssim_map
 
 torch.manual_seed(0)
 

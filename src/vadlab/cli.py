@@ -132,7 +132,6 @@ def _image_files(inputs: Sequence[str]) -> list[Path]:
 def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
-    from PIL import Image
 
     from vadlab.data.mvtec import load_image
     from vadlab.methods import AnomalyMethod

@@ -765,7 +765,7 @@ def check_ssim_map(ssim_map: Callable, raise_on_fail: bool | None = None) -> boo
     y2 = torch.rand(1, 1, 12, 12, generator=_gen(33), dtype=f64)
     x2 = 0.5 * y2 + 0.25
     a, b = 0.2, 0.6
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    c1 = 0.01 ** 2  # constant images: only the luminance term (with c1) differs from 1
     cases = [
         _Case("identical images: SSIM = 1 everywhere", {"x": x, "y": x.clone(), "data_range": 1.0},
               {"ssim": torch.ones_like(x)}),

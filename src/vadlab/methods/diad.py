@@ -58,7 +58,6 @@ Departures from the paper, on purpose:
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
