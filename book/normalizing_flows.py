@@ -406,7 +406,7 @@ print("CFLOW-AD training maxima m_k:", cflow.train_max_logp.numpy().round(3))
 # ## 7. Results on the generated dataset
 #
 # Results on the generated dataset: see the Results chapter. The table below is read from the pipeline
-# (`dvc repro`, stages `evaluate@cflow-<category>` and `evaluate@pyramidflow-<category>`), with the
+# (`dvc repro`, stages `evaluate@cflow` and `evaluate@pyramidflow`), with the
 # small-CPU presets (`CFlowConfig.cpu_preset()`, `PyramidFlowConfig.cpu_preset()`) at 128 px.
 
 # %%

@@ -246,7 +246,7 @@ print(inspect.getsource(PositionalGaussian.distance))
 # ## 6. A small run on the generated data
 #
 # A hundred normal training washers and twenty test washers (ten normal, ten defective) at 128 px,
-# drawn directly with `render_sample` (the pipeline uses 200 and 80 at 256 px). This takes a few
+# drawn directly with `render_sample` (the pipeline uses 200 and 80, generated at 256 px and read at the size in `params.yaml`). This takes a few
 # seconds. With fewer training images than channels ($N < d$) the covariances would rest on the ridge
 # alone (section 4); try `range(40)` below and watch the image AUROC drop.
 
@@ -327,8 +327,8 @@ print(f"saved model: {size_mb:.1f} MiB (mean and precision for {spread.numel()} 
 # %% [markdown]
 # ## 7. Results on the generated dataset
 #
-# The numbers below come from the pipeline (`dvc repro`, stage `evaluate@padim-<category>`, then
-# `tables` and `figures`): 200 training and 80 test images per category at 256 px, the settings in
+# The numbers below come from the pipeline (`dvc repro`, stage `evaluate@padim`, then
+# `tables` and `figures`): 200 training and 80 test images per category, at the image size and settings in
 # `params.yaml` (`methods.padim`). The book reads the files; it does not recompute them.
 
 # %%
