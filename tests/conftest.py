@@ -1,7 +1,28 @@
 """Test-session settings shared by every test file."""
 
+import pytest
 import torch
 
 # One intra-op thread: the tests use small tensors, where a second thread gains little, and on a busy
 # 2-core machine OpenMP threads spin-wait for each other and a one-minute test can take half an hour.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def synth_tensors(tmp_path_factory):
+    """Factory: a generated category as tensors (train images, test images, test labels, test masks).
+
+    Images are drawn at ``size`` px and read at ``read_size`` px (antialiased).
+    """
+
+    def make(category: str, n_train: int, n_test: int, size: int, read_size: int):
+        from vadlab.data import MVTecDataset, generate
+
+        root = generate(tmp_path_factory.mktemp("synth"), seed=0, categories=[category], n_train=n_train,
+                        n_test=n_test, size=size)
+        train = MVTecDataset(root, category, "train", read_size)
+        test = [item for item in MVTecDataset(root, category, "test", read_size)]
+        return (torch.stack([item["image"] for item in train]), torch.stack([t["image"] for t in test]),
+                torch.tensor([t["label"] for t in test]), torch.stack([t["mask"][0] for t in test]))
+
+    return make

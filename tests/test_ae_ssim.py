@@ -5,21 +5,14 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
-from vadlab.data import MVTecDataset, generate
 from vadlab.methods import AnomalyMethod, get_method
 from vadlab.methods.ae_ssim import AESSIM, AESSIMConfig, ConvAutoencoder
 
 
 @pytest.fixture(scope="module")
-def brick(tmp_path_factory):
+def brick(synth_tensors):
     # drawn at 128 px and read at 64 px (antialiased), so defects keep the look of the full-size data
-    root = generate(tmp_path_factory.mktemp("synth"), seed=0, categories=["brick"], n_train=100, n_test=40, size=128)
-    train = MVTecDataset(root, "brick", "train", 64)
-    test = MVTecDataset(root, "brick", "test", 64)
-    x = torch.stack([train[i]["image"] for i in range(len(train))])
-    items = [test[i] for i in range(len(test))]
-    return (x, torch.stack([t["image"] for t in items]), torch.tensor([t["label"] for t in items]),
-            torch.stack([t["mask"][0] for t in items]))
+    return synth_tensors("brick", 100, 40, 128, 64)
 
 
 @pytest.fixture(scope="module")

@@ -5,20 +5,13 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
-from vadlab.data import MVTecDataset, generate
 from vadlab.methods import AnomalyMethod, get_method
 from vadlab.methods.riad import RIAD, RIADConfig, cell_sizes, inpainting_masks
 
 
 @pytest.fixture(scope="module")
-def brick(tmp_path_factory):
-    root = generate(tmp_path_factory.mktemp("synth"), seed=0, categories=["brick"], n_train=40, n_test=40, size=64)
-    train = MVTecDataset(root, "brick", "train", 64)
-    test = MVTecDataset(root, "brick", "test", 64)
-    x = torch.stack([train[i]["image"] for i in range(len(train))])
-    items = [test[i] for i in range(len(test))]
-    return (x, torch.stack([t["image"] for t in items]), torch.tensor([t["label"] for t in items]),
-            torch.stack([t["mask"][0] for t in items]))
+def brick(synth_tensors):
+    return synth_tensors("brick", 40, 40, 64, 64)
 
 
 @pytest.fixture(scope="module")
