@@ -36,34 +36,22 @@
 # ```
 
 # %%
-import os
 import sys
 from dataclasses import fields
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import yaml
 from IPython.display import Image, Markdown, display
 
 from vadlab.methods import get_method, preset_overrides
+from vadlab.report import pipeline_file
 
-RESULTS = Path("..") / "results"
-ALLOW_MISSING = os.environ.get("VADLAB_BOOK_ALLOW_MISSING_RESULTS") == "1"
 params = yaml.safe_load((Path("..") / "params.yaml").read_text())
 RUNS = list(params["run_methods"])
 UNIFIED = list(params.get("unified_methods") or [])
 DIGIT_RUNS = dict((params.get("digits") or {}).get("runs") or {})
-
-
-def pipeline_file(relative: str) -> Path | None:
-    """A pipeline output; a clear error if `dvc repro` has not produced it (unless explicitly allowed)."""
-    path = RESULTS / relative
-    if path.is_file():
-        return path
-    if ALLOW_MISSING:
-        display(Markdown(f"```{{note}}\n`results/{relative}` is missing: run `dvc repro` to produce it.\n```"))
-        return None
-    raise FileNotFoundError(f"{path} is missing: run `dvc repro` (or `make repro`) before building the book")
 
 
 def run_overrides(settings: dict, digits: bool = False) -> tuple[str, dict]:
@@ -133,6 +121,9 @@ with pd.option_context("display.max_colwidth", None):
 # ## Summary: mean over categories
 #
 # Each category weighs the same. The column header under each method gives its preset and image size.
+# Every per-category run is repeated with `n_seeds` seeds (`params.yaml`; the seed sets initial weights,
+# data order, random channels and projections): a cell reads "mean ± standard deviation over the seeds",
+# where the spread of a mean over categories is that of the category-mean across seeds.
 
 # %%
 def with_presets(table: pd.DataFrame) -> pd.DataFrame:
@@ -142,12 +133,22 @@ def with_presets(table: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
+def mean_std(mean: pd.DataFrame, std: pd.DataFrame) -> pd.io.formats.style.Styler:
+    """'mean ± std' cells (std over seeds; omitted where there is one seed), the best mean of a row in bold."""
+    std = std.reindex_like(mean)
+    cells = mean.combine(std, lambda m, d: m.map("{:.3f}".format) + d.map(
+        lambda v: "" if pd.isna(v) else f" ± {v:.3f}"))
+    best = mean.eq(mean.max(axis=1), axis=0).to_numpy()
+    return with_presets(cells).style.apply(lambda _: np.where(best, "font-weight: bold", ""), axis=None)
+
+
 path = pipeline_file("tables/summary.csv")
 if path is not None:
     summary = pd.read_csv(path).set_index("method")
     assert set(summary.index) == set(RUNS), "tables are stale: run `dvc repro`"
     columns = ["image_auroc", "pixel_auroc", "aupro", "pixel_ap", "image_f1max", "pixel_f1max"]
-    display(with_presets(summary[columns].T).style.format("{:.3f}"))
+    spread = summary.reindex(columns=[f"{c}_std" for c in columns]).set_axis(columns, axis=1)
+    display(mean_std(summary[columns].T, spread.T))
 
 # %% [markdown]
 # ## Per category, one table per metric
@@ -165,7 +166,9 @@ for metric, title in (("image_auroc", "Image AUROC"), ("pixel_auroc", "Pixel AUR
     if path is not None:
         display(Markdown(f"**{title}** (small-CPU presets, see above)"))
         table = pd.read_csv(path).set_index("category")
-        display(with_presets(table).style.format("{:.3f}").highlight_max(axis=1, props="font-weight: bold"))
+        std_path = pipeline_file(f"tables/{metric}_std.csv")
+        std = pd.read_csv(std_path).set_index("category") if std_path is not None else table * float("nan")
+        display(mean_std(table, std))
 
 # %%
 for name in ("heatmap.png", "metrics_by_category.png"):

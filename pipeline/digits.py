@@ -28,40 +28,16 @@ digits = {"image_size": 32, "digits": list(range(10)), "runs": {"dmad": {"method
 results_root = "results"
 
 # %%
-import importlib
 import json
-import multiprocessing
-import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pandas as pd
 
+from vadlab.evaluate import run_parallel
 from vadlab.evaluate_digits import run_digits
 from vadlab.methods import get_method, preset_overrides
-
-
-def run_all(fn, calls: list[dict], jobs: int) -> list:
-    """``fn(**kwargs)`` for every kwargs in ``calls``, ``jobs`` at a time in worker processes (1: in this one)."""
-    n = max(1, min(int(jobs), len(calls)))
-    if n == 1:
-        return [fn(**kwargs) for kwargs in calls]
-    threads = max(1, int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)) // n)
-    keys = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TQDM_DISABLE")
-    saved = {k: os.environ.get(k) for k in keys}
-    os.environ.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TQDM_DISABLE="1")
-    try:  # spawned children read the environment at start-up
-        with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(fn, **kwargs) for kwargs in calls]
-            return [f.result() for f in futures]
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def digits_overrides(name: str, preset: str | None) -> dict:
@@ -83,7 +59,7 @@ print(f"digits run {run} ({implementation}) at {digits['image_size']} px, {jobs}
 start = time.perf_counter()
 calls = [dict(method_name=implementation, digits=[int(d)], image_size=int(digits["image_size"]),
               overrides=overrides, seed=int(seed)) for d in digits["digits"]]
-per_digit = {int(d): r[int(d)] for d, r in zip(digits["digits"], run_all(run_digits, calls, jobs))}
+per_digit = {int(d): r[int(d)] for d, r in zip(digits["digits"], run_parallel(run_digits, calls, jobs))}
 wall = time.perf_counter() - start
 result = {"run": run, "method": implementation, "image_size": int(digits["image_size"]), "overrides": overrides,
           "stage_seconds": round(wall, 1),

@@ -11,21 +11,25 @@
 # ---
 
 # %% [markdown]
-# # Stage `evaluate`: fit one method on each category and score its test split
+# # Stage `evaluate`: fit one method on each category and score its test split, with several seeds
 #
 # `dvc repro` runs this notebook once per run of `run_methods` with papermill (`-f params.yaml -p method M`).
-# For every category of `data` it fits a fresh model on the defect-free `train/good` images only, predicts
-# the test split, and writes `metrics.json`, `predictions.npz` and `overlays/` under
-# `results/<dataset>/<run>/<category>/` (see `vadlab.evaluate.run`), plus all categories' metrics in
+# For every category of `data` and every seed `seed, seed + 1, ..., seed + n_seeds - 1` it fits a fresh
+# model on the defect-free `train/good` images only, predicts the test split, and writes `metrics.json`,
+# `predictions.npz` and `overlays/` under `results/<dataset>/<run>/<category>/seed<k>/` (see
+# `vadlab.evaluate.run`), plus all categories' metrics (mean and standard deviation over the seeds) in
 # `results/<dataset>/metrics/<run>.json` (a DVC metric).
 #
-# The categories are independent, so `jobs` of them run at once in `jobs` worker processes (the torch
-# threads are split between them; a worker's peak memory is the largest of its runs of this method); each
-# run seeds itself, so the numbers do not depend on `jobs` beyond floating-point rounding.
+# The seed sets every random choice of a run: initial weights and data order of the trained methods, the
+# random channels of PaDiM, the projection of semi-orthogonal embedding and of PatchCore's coreset.
+# The (category, seed) runs are independent, so `jobs` of them run at once in worker processes
+# (`vadlab.evaluate.run_parallel`); each run seeds itself, so the numbers do not depend on `jobs` beyond
+# floating-point rounding.
 
 # %% tags=["parameters"]
 method = "padim"
 seed = 0
+n_seeds = 1
 jobs = 1
 data = {"name": "synthetic", "root": "build/synthetic", "categories": ["brick"]}
 methods = {"padim": {"image_size": 256, "preset": "paper", "set": {}}}
@@ -33,38 +37,13 @@ results_root = "results"
 
 # %%
 import json
-import multiprocessing
-import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pandas as pd
 
-from vadlab.evaluate import run
+from vadlab.evaluate import run, run_parallel
 from vadlab.methods import preset_overrides
-
-
-def run_all(fn, calls: list[dict], jobs: int) -> list:
-    """``fn(**kwargs)`` for every kwargs in ``calls``, ``jobs`` at a time in worker processes (1: in this one)."""
-    n = max(1, min(int(jobs), len(calls)))
-    if n == 1:
-        return [fn(**kwargs) for kwargs in calls]
-    threads = max(1, int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)) // n)
-    keys = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TQDM_DISABLE")
-    saved = {k: os.environ.get(k) for k in keys}
-    os.environ.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TQDM_DISABLE="1")
-    try:  # spawned children read the environment at start-up
-        with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(fn, **kwargs) for kwargs in calls]
-            return [f.result() for f in futures]
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
 
 if method not in methods:
     raise KeyError(f"params.yaml has no settings for run {method!r} under `methods:`")
@@ -72,28 +51,44 @@ settings = methods[method]
 implementation = settings.get("method", method)  # a run name may select a variant, e.g. dmad_plus -> dmad
 overrides = {**preset_overrides(implementation, settings.get("preset", "paper")), **(settings.get("set") or {})}
 image_size = int(settings["image_size"])
+seeds = [int(seed) + k for k in range(int(n_seeds))]
 out_root = Path(results_root) / data["name"]
-print(f"{method} ({implementation}) on {data['name']} {data['categories']} at {image_size} px, {jobs} jobs, "
-      f"overrides {overrides}")
+print(f"{method} ({implementation}) on {data['name']} {data['categories']} at {image_size} px, seeds {seeds}, "
+      f"{jobs} jobs, overrides {overrides}")
 
 # %%
 start = time.perf_counter()
+keys = [(category, s) for s in seeds for category in data["categories"]]
 calls = [dict(method=implementation, data=data["root"], category=category, image_size=image_size,
-              overrides=overrides, out_dir=out_root / method / category, seed=int(seed))
-         for category in data["categories"]]
-results = dict(zip(data["categories"], run_all(run, calls, jobs)))
+              overrides=overrides, out_dir=out_root / method / category / f"seed{s}", seed=s)
+         for category, s in keys]
+results = dict(zip(keys, run_parallel(run, calls, jobs)))
 wall = time.perf_counter() - start
-print(f"{len(results)} categories in {wall:.0f} s")
+print(f"{len(data['categories'])} categories x {len(seeds)} seeds in {wall:.0f} s")
 
 # %%
 KEYS = ("image_auroc", "pixel_auroc", "aupro", "pixel_ap", "image_f1max", "pixel_f1max", "fit_seconds",
         "predict_seconds_per_image", "peak_memory_mb", "n_parameters")
-table = pd.DataFrame({c: {k: m[k] for k in KEYS} for c, m in results.items()}).T
-table.loc["mean"] = table.mean()
-metrics = {"run": method, "method": implementation, "image_size": image_size, "stage_seconds": round(wall, 1),
-           **{c: {k: round(float(v), 6) for k, v in row.items()} for c, row in table.iterrows()}}
+runs = pd.DataFrame([{"category": c, "seed": s, **{k: m[k] for k in KEYS}} for (c, s), m in results.items()])
+table = runs.groupby("category", sort=False)[list(KEYS)].mean()
+spread = runs.groupby("category", sort=False)[list(KEYS)].std(ddof=1)  # NaN with one seed
+# the mean row: mean over categories for each seed, then mean and spread of that over the seeds
+per_seed = runs.groupby("seed")[list(KEYS)].mean()
+table.loc["mean"], spread.loc["mean"] = per_seed.mean(), per_seed.std(ddof=1)
+
+
+def rounded(row: pd.Series, std: pd.Series) -> dict:
+    out = {k: round(float(v), 6) for k, v in row.items()}
+    if len(seeds) > 1:
+        out.update({f"{k}_std": round(float(v), 6) for k, v in std.items() if k in KEYS[:6]})
+    return out
+
+
+metrics = {"run": method, "method": implementation, "image_size": image_size, "seeds": seeds,
+           "stage_seconds": round(wall, 1),
+           **{c: rounded(row, spread.loc[c]) for c, row in table.iterrows()}}
 (out_root / "metrics").mkdir(parents=True, exist_ok=True)
 (out_root / "metrics" / f"{method}.json").write_text(json.dumps(metrics, indent=2) + "\n")
-for category in data["categories"]:
-    assert (out_root / method / category / "metrics.json").is_file()
+for category, s in keys:
+    assert (out_root / method / category / f"seed{s}" / "metrics.json").is_file()
 table

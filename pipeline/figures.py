@@ -13,14 +13,16 @@
 # %% [markdown]
 # # Stage `figures`: draw the result figures the book shows
 #
-# Reads `results/<dataset>/<run>/<category>/predictions.npz` (and the unified runs'), and
-# `results/tables/`, and writes PNGs to `results/figures/`: a grid of anomaly maps (the same test images,
-# every method side by side, with the ground truth outlined), an accuracy-versus-speed scatter, heatmaps of
-# the per-category metrics, and per method its highest-scoring test images and image-level ROC curves.
+# Reads `results/<dataset>/<run>/<category>/seed<seed>/predictions.npz` (the first seed's runs), the
+# unified runs' predictions, and `results/tables/`, and writes PNGs to `results/figures/`: a grid of
+# anomaly maps (the same test images, every method side by side, with the ground truth outlined), an
+# accuracy-versus-speed scatter, heatmaps of the per-category metrics, and per method its highest-scoring
+# test images and image-level ROC curves.
 # Colour scales are for display only (one per method and category); the metrics use the raw scores.
 
 # %% tags=["parameters"]
 data = {"name": "synthetic", "root": "build/synthetic", "categories": ["brick"]}
+seed = 0
 run_methods = ["padim"]
 unified_methods = []
 figures = {"n_examples": 4}
@@ -47,7 +49,10 @@ categories = list(data["categories"])
 
 
 def load(run: str, category: str, unified: bool = False) -> dict:
-    base = root / data["name"] / ("unified" if unified else "") / run / category
+    if unified:
+        base = root / data["name"] / "unified" / run / category
+    else:  # the first seed's run
+        base = root / data["name"] / run / category / f"seed{seed}"
     with np.load(base / "predictions.npz") as z:
         return {k: z[k] for k in z.files}
 
@@ -106,11 +111,12 @@ summary = pd.read_csv(root / "tables" / "summary.csv").set_index("method")
 fig, axes = plt.subplots(1, 2, figsize=(10, 4))
 for ax, metric, label in ((axes[0], "image_auroc", "image AUROC"), (axes[1], "aupro", "AUPRO")):
     x = 1000 * summary["predict_seconds_per_image"]
+    ax.errorbar(x, summary[metric], yerr=summary.get(f"{metric}_std"), fmt="none", ecolor="0.6", lw=0.8)
     ax.scatter(x, summary[metric], s=20 + 60 * np.log10(1 + summary["fit_seconds"]), c="tab:blue", alpha=0.7)
     for name, xi, yi in zip(summary.index, x, summary[metric]):
         ax.annotate(name, (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set(xscale="log", xlabel="inference time per image (ms, log scale)", ylabel=f"mean {label}",
-           title=f"{label} vs inference time (marker size: fit time)")
+           title=f"{label} vs inference time (marker size: fit time; bars: ±1 std over seeds)")
     ax.grid(alpha=0.3)
 fig.tight_layout()
 fig.savefig(out / "accuracy_vs_speed.png")
@@ -124,8 +130,8 @@ table = pd.read_csv(root / "tables" / "per_category.csv")
 metrics = [("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"), ("aupro", "AUPRO")]
 fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 0.45 * len(run_methods) + 1.6))
 for ax, (metric, label) in zip(axes, metrics):
-    grid = table.pivot(index="method", columns="category", values=metric).reindex(index=run_methods,
-                                                                                  columns=categories)
+    grid = table.pivot_table(index="method", columns="category", values=metric, aggfunc="mean").reindex(
+        index=run_methods, columns=categories)  # mean over seeds
     grid["mean"] = grid.mean(axis=1)
     sns.heatmap(grid, ax=ax, vmin=0.5, vmax=1.0, cmap="viridis", annot=True, fmt=".2f", annot_kws={"size": 7},
                 cbar=False)
@@ -135,10 +141,10 @@ fig.savefig(out / "heatmap.png")
 plt.show()
 
 # %%
-long = table.melt(id_vars=["method", "category"], value_vars=["image_auroc", "pixel_auroc", "aupro"],
+long = table.melt(id_vars=["method", "category", "seed"], value_vars=["image_auroc", "pixel_auroc", "aupro"],
                   var_name="metric", value_name="value")
 grid = sns.catplot(data=long, x="category", y="value", hue="method", col="metric", kind="bar",
-                   height=2.8, aspect=1.5, order=categories, hue_order=run_methods)
+                   height=2.8, aspect=1.5, order=categories, hue_order=run_methods, errorbar="sd")
 grid.set(ylim=(0, 1.02))
 grid.set_xticklabels(rotation=45)
 grid.savefig(out / "metrics_by_category.png")

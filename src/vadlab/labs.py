@@ -1070,7 +1070,7 @@ def results_table(method: str | None = None):
             continue
         if path != main:
             print(f"rows for {method} from {path.relative_to(root)}")
-        cols = [c for c in ("method", "category", "image_size", "image_auroc", "pixel_auroc", "aupro", "pixel_ap",
+        cols = [c for c in ("method", "category", "seed", "image_size", "image_auroc", "pixel_auroc", "aupro", "pixel_ap",
                             "fit_seconds") if c in table.columns]
         return table[cols].reset_index(drop=True)
     what = f"rows for {method!r}" if method else "results"
