@@ -34,9 +34,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from vadlab.data import check_dataset
 from vadlab.evaluate import run_unified
 from vadlab.methods import preset_overrides
 
+check_dataset(data["root"], data["categories"], data["name"])  # clear error (and how to get it) if absent
 if method not in methods:
     raise KeyError(f"params.yaml has no settings for run {method!r} under `methods:`")
 settings = methods[method]

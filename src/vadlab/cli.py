@@ -1,6 +1,7 @@
 """The ``vadlab`` command: one verb per job.
 
     vadlab data synth --out DIR [--seed N]          write the generated dataset (MVTec layout)
+    vadlab data download mvtec|btad|visa --out DIR  fetch, verify and convert a real dataset to MVTec layout
     vadlab evaluate METHOD --data ROOT --category C fit on train/good, score test/, write metrics.json
     vadlab fit METHOD --data ROOT --category C --out model.pt
     vadlab predict MODEL.pt IMAGE_OR_DIR ... --out DIR
@@ -60,6 +61,15 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_download(args: argparse.Namespace) -> int:
+    from vadlab.data.download import download
+
+    out = download(args.name, args.out, url=args.url or None, sha256=args.sha256, archive=args.archive,
+                   cache=args.cache, categories=tuple(args.categories) if args.categories else None)
+    print(f"wrote {args.name} in MVTec layout to {out}")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from vadlab.data import list_categories
     from vadlab.evaluate import METRIC_KEYS, run, run_unified
@@ -100,7 +110,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         raise SystemExit(f"--holdout {args.holdout} leaves fewer than 2 training images of {len(train)}")
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed)).tolist()
     fit_set, hold_set = Subset(train, order[n_hold:]), Subset(train, order[:n_hold])
-    model = build_method(args.method, _overrides(args))
+    model = build_method(args.method, _overrides(args), args.seed)
     model.fit(make_loader(fit_set, batch_size=args.batch_size, shuffle=True, seed=args.seed))
     out = Path(args.out)
     model.save(out)
@@ -188,6 +198,16 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--categories", nargs="*", help="subset of categories (default: all)")
     synth.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
     synth.set_defaults(func=cmd_data_synth)
+    dl = data.add_parser("download", help="fetch MVTec AD, BTAD or VisA, check its SHA-256, convert to MVTec layout")
+    dl.add_argument("name", choices=("mvtec", "btad", "visa"))
+    dl.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    dl.add_argument("--archive", help="use this already downloaded archive instead of the network")
+    dl.add_argument("--url", help="download from here instead of the dataset's published URL")
+    dl.add_argument("--sha256", help="expected SHA-256 of the archive (default: the published one; '' skips)")
+    dl.add_argument("--cache", help="folder that keeps the archives "
+                    "(default: $VADLAB_DOWNLOADS or ~/.cache/vadlab/downloads)")
+    dl.add_argument("--categories", nargs="*", help="subset of categories (default: all)")
+    dl.set_defaults(func=cmd_data_download)
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("method", help="method name, e.g. padim (see `vadlab methods`)")

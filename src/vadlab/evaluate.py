@@ -7,12 +7,15 @@ test labels before the scores are final: no threshold, epoch or normalisation is
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import random
 import resource
 import time
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -119,9 +122,75 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def build_method(method: str, overrides: dict[str, Any] | None = None) -> AnomalyMethod:
-    """Instantiate a method by name with hyperparameter overrides (strings are converted to the field types)."""
-    return get_method(method)(**(overrides or {}))
+#: GPU claimed by this process for ``device: auto`` (index, open lock file), so all its runs share it
+_CLAIMED_GPU: dict[str, Any] = {}
+
+
+def _claim_gpu(n_gpus: int, keys: list[str] | None = None, lock_dir: str | Path | None = None) -> int:
+    """Index of a GPU for this process: the first one no other vadlab process holds, else shared by pid.
+
+    Each GPU has a lock file (``$VADLAB_GPU_LOCK_DIR`` or the temp dir); a process keeps an exclusive
+    ``flock`` on its GPU's file until it exits, so ``dvc queue start --jobs N`` on N GPUs runs one
+    experiment per GPU without any scheduler. ``keys`` name the GPUs (their UUIDs, so processes that
+    see different ``CUDA_VISIBLE_DEVICES`` do not collide); default: the indices.
+    """
+    import fcntl
+    import tempfile
+
+    if "index" in _CLAIMED_GPU:
+        return int(_CLAIMED_GPU["index"])
+    folder = Path(lock_dir or os.environ.get("VADLAB_GPU_LOCK_DIR") or Path(tempfile.gettempdir()) / "vadlab-gpu-locks")
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = keys or [str(i) for i in range(n_gpus)]
+    for index, key in enumerate(keys):
+        handle = open(folder / f"gpu-{key}.lock", "a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            continue
+        _CLAIMED_GPU.update(index=index, handle=handle)
+        return index
+    return os.getpid() % n_gpus  # more processes than GPUs: share
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> a CUDA device when one is available (one per process, see :func:`_claim_gpu`), else ``cpu``.
+
+    Any other value is checked and returned as is; asking for CUDA on a machine without it is an error
+    that says to use ``auto`` or ``cpu``.
+    """
+    device = str(device).strip().lower()
+    if device == "auto":
+        if not torch.cuda.is_available():
+            return "cpu"
+        n = torch.cuda.device_count()
+        keys = [str(getattr(torch.cuda.get_device_properties(i), "uuid", i)) for i in range(n)]
+        return f"cuda:{_claim_gpu(n, keys)}"
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"device {device!r} is not a torch device; use auto, cpu, cuda or cuda:N") from err
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU here; use device auto "
+                         "(CUDA when available, else CPU) or cpu")
+    return device
+
+
+def build_method(method: str, overrides: dict[str, Any] | None = None, seed: int = 0) -> AnomalyMethod:
+    """Instantiate a method by name with hyperparameter overrides (strings are converted to the field types).
+
+    The run's ``seed`` offsets the method's own ``Config.seed`` (initial weights, random channels or
+    projections; its official default at seed 0), so repeated runs with seeds 0, 1, 2 differ in every
+    random choice. An explicit ``seed`` in ``overrides`` wins.
+    """
+    overrides = dict(overrides or {})
+    if "device" in overrides:  # `auto`: CUDA when available, else CPU
+        overrides["device"] = resolve_device(overrides["device"])
+    cls = get_method(method)
+    if "seed" not in overrides and "seed" in {f.name for f in fields(cls.Config)}:
+        overrides["seed"] = int(cls.Config().seed) + int(seed)
+    return cls(**overrides)
 
 
 def run(method: str, data: str | Path, category: str, image_size: int = 256,
@@ -133,7 +202,7 @@ def run(method: str, data: str | Path, category: str, image_size: int = 256,
     seed_everything(seed)
     train = MVTecDataset(data, category, "train", image_size)
     test = MVTecDataset(data, category, "test", image_size)
-    model = build_method(method, overrides)
+    model = build_method(method, overrides, seed)
     result = evaluate(model, make_loader(train, batch_size=batch_size, shuffle=True, seed=seed), test, batch_size)
     result.metrics.update(method=method, category=category, protocol="per-category", seed=seed,
                           image_size=image_size, config=asdict(model.config))
@@ -156,7 +225,7 @@ def run_unified(method: str, data: str | Path, categories: list[str], image_size
         raise ValueError("the unified protocol needs at least one category")
     seed_everything(seed)
     train = ConcatDataset([MVTecDataset(data, c, "train", image_size) for c in categories])
-    model = build_method(method, overrides)
+    model = build_method(method, overrides, seed)
     start = time.perf_counter()
     model.fit(make_loader(train, batch_size=batch_size, shuffle=True, seed=seed))
     fit_seconds = time.perf_counter() - start
@@ -174,3 +243,30 @@ def run_unified(method: str, data: str | Path, categories: list[str], image_size
                                 out["defects"])
             _write_outputs(result, Path(out_dir) / category)
     return results
+
+
+def run_parallel(fn: Callable[..., Any], calls: list[dict[str, Any]], jobs: int) -> list[Any]:
+    """``fn(**kwargs)`` for every kwargs in ``calls``, ``jobs`` at a time in worker processes (1: in this one).
+
+    The pipeline's runs (categories, seeds, digits) are independent, so they run in separate spawned
+    processes that share the CPU threads (``OMP_NUM_THREADS`` split between them); results come back in
+    the order of ``calls``. Each run seeds itself, so ``jobs`` changes the wall-clock time, not the numbers
+    (beyond floating-point rounding).
+    """
+    n = max(1, min(int(jobs), len(calls)))
+    if n == 1:
+        return [fn(**kwargs) for kwargs in calls]
+    threads = max(1, int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)) // n)
+    keys = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TQDM_DISABLE")
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TQDM_DISABLE="1")
+    try:  # spawned children read the environment at start-up
+        with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(fn, **kwargs) for kwargs in calls]
+            return [f.result() for f in futures]
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
