@@ -44,15 +44,10 @@ import pandas as pd
 
 from vadlab.data import check_dataset
 from vadlab.evaluate import run, run_parallel
-from vadlab.methods import preset_overrides
+from vadlab.methods import run_settings
 
 check_dataset(data["root"], data["categories"], data["name"])  # clear error (and how to get it) if absent
-if method not in methods:
-    raise KeyError(f"params.yaml has no settings for run {method!r} under `methods:`")
-settings = methods[method]
-implementation = settings.get("method", method)  # a run name may select a variant, e.g. dmad_plus -> dmad
-overrides = {**preset_overrides(implementation, settings.get("preset", "paper")), **(settings.get("set") or {})}
-image_size = int(settings["image_size"])
+implementation, overrides, image_size = run_settings(method, methods)  # e.g. dmad_plus -> dmad, PDM+
 seeds = [int(seed) + k for k in range(int(n_seeds))]
 out_root = Path(results_root) / data["name"]
 print(f"{method} ({implementation}) on {data['name']} {data['categories']} at {image_size} px, seeds {seeds}, "

@@ -36,15 +36,10 @@ import pandas as pd
 
 from vadlab.data import check_dataset
 from vadlab.evaluate import run_unified
-from vadlab.methods import preset_overrides
+from vadlab.methods import run_settings
 
 check_dataset(data["root"], data["categories"], data["name"])  # clear error (and how to get it) if absent
-if method not in methods:
-    raise KeyError(f"params.yaml has no settings for run {method!r} under `methods:`")
-settings = methods[method]
-implementation = settings.get("method", method)
-overrides = {**preset_overrides(implementation, settings.get("preset", "paper")), **(settings.get("set") or {})}
-image_size = int(settings["image_size"])
+implementation, overrides, image_size = run_settings(method, methods)  # e.g. dmad_plus -> dmad, PDM+
 out_root = Path(results_root) / data["name"]
 print(f"unified {method} ({implementation}) on {data['name']} {data['categories']} at {image_size} px, "
       f"overrides {overrides}")

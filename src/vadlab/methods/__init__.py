@@ -74,4 +74,19 @@ def preset_overrides(name: str, preset: str | None = "paper") -> dict[str, Any]:
     raise ValueError(f"method {name!r} defines no CPU preset; use the paper preset")
 
 
-__all__ = ["AnomalyMethod", "PRESETS", "apply_overrides", "available_methods", "get_method", "preset_overrides"]
+def run_settings(run: str, methods: dict[str, Any]) -> tuple[str, dict[str, Any], int]:
+    """(method, hyperparameter overrides, image size) of run ``run`` in params.yaml's ``methods:`` block.
+
+    A run is named after its method unless its settings say ``method:`` (``dmad_plus`` = DMAD with the
+    PDM+ variant); overrides are its ``preset`` with its ``set:`` entries on top.
+    """
+    if run not in methods:
+        raise KeyError(f"params.yaml has no settings for run {run!r} under `methods:`; it has {sorted(methods)}")
+    settings = methods[run]
+    name = settings.get("method", run)
+    overrides = {**preset_overrides(name, settings.get("preset", "paper")), **(settings.get("set") or {})}
+    return name, overrides, int(settings["image_size"])
+
+
+__all__ = ["AnomalyMethod", "PRESETS", "apply_overrides", "available_methods", "get_method", "preset_overrides",
+           "run_settings"]
