@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score
+from torch.utils.data import DataLoader
 
-from vadlab.data import MVTecDataset, generate, make_loader
 from vadlab.methods import get_method
 from vadlab.methods.base import AnomalyMethod
 from vadlab.methods.cflow import CPU_PRESET, CFlow, CFlowConfig
@@ -19,24 +19,21 @@ TINY = dict(layers=("blocks.1", "blocks.2"), coupling_blocks=4, condition_channe
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return generate(tmp_path_factory.mktemp("synth"), seed=0, categories=["brick", "washer"],
-                    n_train=40, n_test=40, size=SIZE)
-
-
-def split(root, category):
-    train = MVTecDataset(root, category, "train", SIZE)
-    test = MVTecDataset(root, category, "test", SIZE)
-    images = torch.stack([test[i]["image"] for i in range(len(test))])
-    labels = [test[i]["label"] for i in range(len(test))]
-    return make_loader(train, batch_size=16, shuffle=True, seed=0), images, labels
+def data(synth_tensors):
+    """Per category: a shuffling loader over 40 normal training images, 40 test images and their labels."""
+    out = {}
+    for category in ("brick", "washer"):
+        train, images, labels, _ = synth_tensors(category, 40, 40, SIZE, SIZE)
+        loader = DataLoader(train, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(0))
+        out[category] = (loader, images, labels.tolist())
+    return out
 
 
 @pytest.fixture(scope="module")
-def fitted(data_root):
+def fitted(data):
     out = {}
     for category in ("brick", "washer"):
-        loader, images, labels = split(data_root, category)
+        loader, images, labels = data[category]
         torch.manual_seed(0)
         model = CFlow(**TINY).fit(loader)
         out[category] = (model, images, labels)
@@ -96,8 +93,8 @@ def test_bad_input_and_unfitted(fitted):
         CFlow(condition_channels=30)
 
 
-def test_divergence_raises_named_error(data_root):
-    loader, _, _ = split(data_root, "brick")
+def test_divergence_raises_named_error(data):
+    loader, _, _ = data["brick"]
     with pytest.raises(FlowDivergenceError, match=r"step \d+.*scale \d"):
         CFlow(**{**TINY, "lr": 1e12, "clamp": 1e6, "meta_epochs": 1, "warmup_epochs": 0}).fit(loader)
 

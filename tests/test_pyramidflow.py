@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score
+from torch.utils.data import DataLoader
 
-from vadlab.data import MVTecDataset, generate, make_loader
 from vadlab.methods import get_method
 from vadlab.methods.base import AnomalyMethod
 from vadlab.methods.pyramidflow import (CPU_PRESET, PyramidFlow, PyramidFlowConfig, pyramid_compose,
@@ -20,24 +20,21 @@ TINY = dict(encoder="efficientnet_lite0", encoder_layer="blocks.1", levels=3, st
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return generate(tmp_path_factory.mktemp("synth"), seed=0, categories=["brick", "washer"],
-                    n_train=40, n_test=40, size=SIZE)
-
-
-def split(root, category):
-    train = MVTecDataset(root, category, "train", SIZE)
-    test = MVTecDataset(root, category, "test", SIZE)
-    images = torch.stack([test[i]["image"] for i in range(len(test))])
-    labels = [test[i]["label"] for i in range(len(test))]
-    return make_loader(train, batch_size=16, shuffle=True, seed=0), images, labels
+def data(synth_tensors):
+    """Per category: a shuffling loader over 40 normal training images, 40 test images and their labels."""
+    out = {}
+    for category in ("brick", "washer"):
+        train, images, labels, _ = synth_tensors(category, 40, 40, SIZE, SIZE)
+        loader = DataLoader(train, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(0))
+        out[category] = (loader, images, labels.tolist())
+    return out
 
 
 @pytest.fixture(scope="module")
-def fitted(data_root):
+def fitted(data):
     out = {}
     for category in ("brick", "washer"):
-        loader, images, labels = split(data_root, category)
+        loader, images, labels = data[category]
         out[category] = (PyramidFlow(**TINY).fit(loader), images, labels, loader)
     return out
 
@@ -52,7 +49,7 @@ def test_separates_generated_defects(fitted, category):
 
 def test_template_is_the_mean_training_latent(fitted):
     model, _, _, loader = fitted["brick"]
-    train = torch.cat([b["image"] for b in loader])
+    train = torch.cat(list(loader))
     with torch.no_grad():
         zs = model.latents(train)
     for z, t in zip(zs, model.template()):
@@ -103,9 +100,9 @@ def test_other_sizes_bad_input_and_unfitted(fitted):
         PyramidFlow(**{**TINY, "epochs": 1}).fit([images[:2, :, :120, :120]])
 
 
-def test_baseline_without_pretrained_model_trains(data_root):
-    loader, images, _ = split(data_root, "brick")
-    small = [torch.nn.functional.interpolate(b["image"][:8], size=(64, 64), mode="bilinear") for b in loader]
+def test_baseline_without_pretrained_model_trains(data):
+    loader, images, _ = data["brick"]
+    small = [torch.nn.functional.interpolate(b[:8], size=(64, 64), mode="bilinear") for b in loader]
     model = PyramidFlow(encoder="none", channels=4, levels=3, stacks=1, kernel_size=3, epochs=1,
                         batch_size=4, lr=1e-3).fit(small)
     assert model.backbone is None
@@ -114,8 +111,8 @@ def test_baseline_without_pretrained_model_trains(data_root):
     assert model.train_size.tolist() == [64, 64]
 
 
-def test_divergence_raises_named_error(data_root):
-    loader, _, _ = split(data_root, "brick")
+def test_divergence_raises_named_error(data):
+    loader, _, _ = data["brick"]
     with pytest.raises(FlowDivergenceError, match=r"step \d+"):
         PyramidFlow(**{**TINY, "epochs": 2, "lr": 1e12, "clamp": 1e6, "grad_clip": 1e30}).fit(loader)
 
