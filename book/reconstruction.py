@@ -188,8 +188,9 @@ print("training loss per epoch:", [round(h["loss"], 3) for h in model.history])
 # - We train a fixed number of epochs (the unofficial code early-stops on a validation split) and do
 #   not min-max normalise maps over the test set; MSGMS uses the channel-mean grey image without the
 #   unofficial code's 3x3 median pre-filter; cell sizes are scaled with the image size.
-# - **AE-SSIM** (Bergmann et al. 2019) is implemented on RGB with SSIM averaged over channels, whole
-#   resized images instead of random patches, and a smoothed map whose maximum is the image score.
-#   On the small CPU budgets of this project its autoencoder barely leaves the "mean image" stage on
-#   textures, which is itself the lesson: reconstruction needs a lot of training, and a blurry
-#   reconstruction makes the map light up on every edge.
+# - **AE-SSIM** (Bergmann et al. 2019) is implemented on RGB with SSIM averaged over channels, and a
+#   smoothed map whose maximum is the image score.  As in the paper's texture setting it trains on
+#   random patches (the CPU preset: 32-px crops of 64-px images, latent 100) and scores overlapping
+#   tiles; trained on whole images with the same budget, its autoencoder barely leaves the "mean
+#   image" stage.  Even with patches it stays the weakest method here, which is itself the lesson:
+#   reconstruction needs a lot of training, and a blurry reconstruction lights up on every edge.

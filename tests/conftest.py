@@ -26,3 +26,24 @@ def synth_tensors(tmp_path_factory):
                 torch.tensor([t["label"] for t in test]), torch.stack([t["mask"][0] for t in test]))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def fake_vgg16_hub(tmp_path_factory):
+    """A torch-hub folder whose cached VGG16 ImageNet checkpoint is a random-weight stand-in.
+
+    Returns ``(hub_dir, features)``: point ``torch.hub.get_dir`` at ``hub_dir`` (monkeypatch) and the
+    vadlab backbones load the file as if the real weights were cached, fully offline; ``features`` is
+    the torchvision ``vgg16().features`` module holding the same weights, as a reference.  Only the
+    convolutional part is written (the backbones never use the classifier), which keeps it at 59 MB.
+    """
+    import torchvision
+    from torchvision.models.vgg import cfgs, make_layers
+
+    torch.manual_seed(0)
+    features = make_layers(cfgs["D"]).eval()
+    hub = tmp_path_factory.mktemp("hub")
+    (hub / "checkpoints").mkdir()
+    name = torchvision.models.get_model_weights("vgg16").IMAGENET1K_V1.url.rsplit("/", 1)[-1]
+    torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, hub / "checkpoints" / name)
+    return hub, features

@@ -18,7 +18,8 @@ def brick(synth_tensors):
 @pytest.fixture(scope="module")
 def fitted(brick):
     x = brick[0]
-    model = AESSIM(image_size=64, latent_dim=64, bottleneck_grid=1, epochs=60, batch_size=8, lr=1e-3)
+    # the paper's texture recipe at this scale: 32-px patches (a quarter of the image), latent 100
+    model = AESSIM(image_size=64, patch_size=32, latent_dim=100, epochs=80, batch_size=8, lr=1e-3)
     return model.fit([x[i:i + 8] for i in range(0, len(x), 8)])
 
 
@@ -29,15 +30,16 @@ def test_registry_and_preset():
 
 
 def test_trains_and_scores_generated_images(fitted, brick):
-    # AE-SSIM is the weak baseline (Bergmann et al. train 200 epochs).  With a unit-test budget (100 train
-    # images, 60 epochs, 64 px) its 1x1 bottleneck barely leaves the "mean image" stage: measured pixel
-    # AUROC 0.822 but image AUROC 0.49 on brick (0.44 grass, 0.54 gravel), so the 0.85 image bar is
-    # not asserted here; the cpu preset on the full brick category reaches image 0.71 / pixel 0.83.
-    # Asserted: the 1 - SSIM maps localise the generated defects clearly above chance.
+    # AE-SSIM is the weak baseline (Bergmann et al. train 200 epochs on 10,000 patches).  With a unit-test
+    # budget (100 train images, 80 epochs of one 32-px crop each) it does not reach the 0.85 image
+    # bar: measured image AUROC 0.785 / pixel 0.842 on brick (seed 0; seeds 1, 2 in the note); training on
+    # whole 64-px images instead gave image 0.49.  Asserted: maps localise the generated defects and the
+    # image score separates them clearly above chance.
     _, test, labels, masks = brick
     scores, maps = fitted.predict(test)
     assert scores.shape == (len(test),) and maps.shape == (len(test), 64, 64)
     assert roc_auc_score(masks.flatten().numpy() > 0.5, maps.flatten().numpy()) >= 0.78
+    assert roc_auc_score(labels.numpy(), scores.numpy()) >= 0.70
     assert torch.isfinite(maps).all() and (maps >= -1e-6).all() and (maps <= 2 + 1e-6).all()
     assert fitted.history[-1]["loss"] < fitted.history[0]["loss"]
 
@@ -79,20 +81,47 @@ def test_autoencoder_shapes_and_bottleneck():
     assert net(x).shape == x.shape
 
 
-def test_map_is_one_minus_ssim(fitted, brick):
+def test_map_is_one_minus_ssim_averaged_over_tiles(fitted, brick):
     from vadlab.nn.similarity import ssim_map
 
     test = brick[1][:2]
     fitted.config.sigma, old = 0.0, fitted.config.sigma
     try:
         _, maps = fitted.predict(test)
-        with torch.no_grad():
-            expected = 1 - ssim_map(fitted.net(test), test).mean(1)
-        torch.testing.assert_close(maps, expected)
     finally:
         fitted.config.sigma = old
+    # by hand: 32-px tiles at stride 16, 1 - SSIM of each tile and its reconstruction, mean over overlaps
+    total, count = torch.zeros(2, 64, 64), torch.zeros(64, 64)
+    with torch.no_grad():
+        for i in range(0, 33, 16):
+            for j in range(0, 33, 16):
+                tile = test[:, :, i:i + 32, j:j + 32]
+                total[:, i:i + 32, j:j + 32] += 1 - ssim_map(fitted.net(tile), tile).mean(1)
+                count[i:i + 32, j:j + 32] += 1
+    torch.testing.assert_close(maps, total / count)
+
+
+def test_whole_image_map_is_one_minus_ssim(brick):
+    from vadlab.nn.similarity import ssim_map
+
+    test = brick[1][:2]
+    model = AESSIM(image_size=64, latent_dim=8, sigma=0.0).eval()
+    _, maps = model.predict(test)
+    with torch.no_grad():
+        torch.testing.assert_close(maps, 1 - ssim_map(model.net(test), test).mean(1))
+
+
+def test_patch_training_sees_crops(brick):
+    model = AESSIM(image_size=64, patch_size=16, latent_dim=8, epochs=1, batch_size=4)
+    assert model.net.encoder(torch.rand(1, 3, 16, 16)).shape == (1, 8, 1, 1)
+    model.fit([brick[0][:8]])
+    assert model.predict(brick[1][:2])[1].shape == (2, 64, 64)
 
 
 def test_bad_config():
     with pytest.raises(ValueError, match="multiple of 16"):
         AESSIM(image_size=72)
+    with pytest.raises(ValueError, match="exceeds image_size"):
+        AESSIM(image_size=64, patch_size=128)
+    with pytest.raises(ValueError, match="patch_stride"):
+        AESSIM(image_size=64, patch_size=32, patch_stride=12)

@@ -98,3 +98,23 @@ def test_patchwise_tiles_round_trip():
 def test_bad_config():
     with pytest.raises(ValueError, match="multiple of patch_size"):
         FAVAE(image_size=64, patch_size=48)
+
+
+def test_vgg_teacher_from_cached_weights(monkeypatch, fake_vgg16_hub, brick):
+    """With VGG16 weights in the torch-hub cache, the decoder is matched to VGG16 at strides 2, 4, 8
+    (after conv2_2, conv3_3, conv4_3 and their ReLU) and the method trains and scores, offline."""
+    hub, features = fake_vgg16_hub
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
+    x, test = brick[0], brick[1]
+    model = FAVAE(image_size=64, backbone="vgg16", channels=(8, 8, 8, 8), z_dim=4, epochs=2, batch_size=8)
+    probe = test[:2]
+    with torch.no_grad():
+        reference = [features[:end](model.backbone.normalize(probe)) for end in (9, 16, 23)]
+        for t, r in zip(model.backbone(probe), reference):
+            torch.testing.assert_close(t, r, rtol=1e-4, atol=1e-5)
+    assert [a[-1].out_channels for a in model.adapters] == [128, 256, 512]
+    model.fit([x[:16]])
+    assert len(model.history) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in model.history)
+    scores, maps = model.predict(test[:4])
+    assert scores.shape == (4,) and maps.shape == (4, 64, 64)
+    assert torch.isfinite(maps).all() and (maps >= 0).all()

@@ -107,3 +107,23 @@ def test_bad_input_and_config():
         MKD(localization="saliency")
     with pytest.raises(ValueError, match="multiple of 32"):
         MKD(image_size=80)
+
+
+def test_vgg_teacher_from_cached_weights(monkeypatch, fake_vgg16_hub, brick):
+    """With VGG16 weights in the torch-hub cache, the paper's teacher is pool2..pool5 of VGG16 and
+    the method trains and scores with it, offline."""
+    hub, features = fake_vgg16_hub
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
+    x, test, _ = brick
+    model = MKD(image_size=64, backbone="vgg16", epochs=2, batch_size=8, localization="gradient")
+    probe = test[:2]
+    with torch.no_grad():
+        reference = [features[:end](model.backbone.normalize(probe)) for end in (10, 17, 24, 31)]  # pool2..pool5
+        for t, r in zip(model.teacher(probe), reference):
+            torch.testing.assert_close(t, r, rtol=1e-4, atol=1e-5)
+    assert model.backbone.channels == [128, 256, 512, 512]
+    model.fit([x[:16]])
+    assert len(model.history) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in model.history)
+    scores, maps = model.predict(test[:4])
+    assert scores.shape == (4,) and maps.shape == (4, 64, 64)
+    assert torch.isfinite(maps).all() and (maps >= 0).all() and maps.flatten(1).amax(1).gt(0).all()
