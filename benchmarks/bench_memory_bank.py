@@ -11,7 +11,8 @@ the preloaded images (the "baseline" line shows that floor).
 
 Run (a script, not a test; takes ~10 minutes at 256 px with anomalib's 1 % coreset on 2 cores):
 
-    OMP_NUM_THREADS=2 python benchmarks/bench_memory_bank.py --data /tmp/vadlab_bench --category brick
+    OMP_NUM_THREADS=2 python benchmarks/bench_memory_bank.py --data build/synthetic --category brick \
+        --seeds 0 1 2 --methods padim patchcore --json benchmarks/results/memory_bank.json
 """
 
 from __future__ import annotations
@@ -45,13 +46,13 @@ def peak_mb() -> float:
 # ------------------------------------------------------------------------------- the two libraries
 
 
-def vadlab_model(method: str, args: argparse.Namespace):
+def vadlab_model(method: str, args: argparse.Namespace, seed: int):
     from vadlab.methods import get_method
 
-    if method == "patchcore":
+    if method == "patchcore":  # seed: JL projection and first coreset centre
         return get_method("patchcore")(coreset_ratio=args.coreset_ratio, layers=("blocks.2", "blocks.4"),
-                                       batch_size=args.batch_size)
-    return get_method("padim")(n_features=args.n_features, batch_size=args.batch_size)
+                                       batch_size=args.batch_size, seed=seed)
+    return get_method("padim")(n_features=args.n_features, batch_size=args.batch_size, seed=seed)  # channel subset
 
 
 def _lite0_into_anomalib(extractor: torch.nn.Module) -> None:
@@ -67,7 +68,10 @@ def _lite0_into_anomalib(extractor: torch.nn.Module) -> None:
     target.load_state_dict({k: source[k] for k in own})
 
 
-def anomalib_model(method: str, args: argparse.Namespace):
+def anomalib_model(method: str, args: argparse.Namespace, seed: int):
+    """anomalib's torch model; its randomness (PaDiM's channel subset in __init__, PatchCore's sparse
+    projection and first centre in subsample_embedding) draws from torch's and numpy's global generators,
+    which :func:`run_one` seeds with ``seed``."""
     if method == "patchcore":
         from anomalib.models.image.patchcore.torch_model import PatchcoreModel
 
@@ -76,28 +80,36 @@ def anomalib_model(method: str, args: argparse.Namespace):
     else:
         from anomalib.models.image.padim.torch_model import PadimModel
 
-        torch.manual_seed(1024)
         model = PadimModel(layers=["blocks.1", "blocks.2", "blocks.4"], backbone="tf_efficientnet_lite0",
                            pre_trained=False, n_features=args.n_features)
     _lite0_into_anomalib(model.feature_extractor)
     return model
 
 
-def run_one(library: str, method: str, args: argparse.Namespace, queue: Any) -> None:
-    """Fit and predict one (library, method) pair in this process; put the measurements on ``queue``."""
-    torch.manual_seed(0)
+def run_one(library: str, method: str, args: argparse.Namespace, seed: int, queue: Any) -> None:
+    """Fit and predict one (library, method, seed) in this process; put the measurements on ``queue``."""
+    import numpy as np
+
+    torch.manual_seed(seed)
+    np.random.seed(seed)  # anomalib's sparse projection samples columns with numpy's global generator
     train = load_split(args.data, args.category, "train", args.image_size)["image"]
     test = load_split(args.data, args.category, "test", args.image_size)
     if library == "baseline":  # interpreter + torch + images: the floor under every peak below
         queue.put({"peak_mb": peak_mb()})
         return
     batches = list(train.split(args.batch_size))
+    if args.warm_imports:  # import both libraries' modules first, so fit time excludes Python imports
+        import timm  # noqa: F401
+
+        import vadlab.methods.padim, vadlab.methods.patchcore  # noqa: F401, E401
+        from anomalib.models.image.padim.torch_model import PadimModel  # noqa: F401
+        from anomalib.models.image.patchcore.torch_model import PatchcoreModel  # noqa: F401
     t0 = time.perf_counter()
     if library == "vadlab":
-        model = vadlab_model(method, args)
+        model = vadlab_model(method, args, seed)
         model.fit(batches)
     else:
-        model = anomalib_model(method, args)
+        model = anomalib_model(method, args, seed)
         model.train()
         with torch.no_grad():
             for b in batches:  # training_step: features into the memory bank
@@ -134,14 +146,26 @@ def run_one(library: str, method: str, args: argparse.Namespace, queue: Any) -> 
     })
 
 
-def measure(library: str, method: str, args: argparse.Namespace) -> dict[str, float]:
+def measure(library: str, method: str, args: argparse.Namespace, seed: int = 0) -> dict[str, float]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=run_one, args=(library, method, args, queue))
+    proc = ctx.Process(target=run_one, args=(library, method, args, seed, queue))
     proc.start()
     result = queue.get()
     proc.join()
     return result
+
+
+KEYS = ("fit_s", "infer_ms", "peak_mb", "image_auroc", "pixel_auroc")
+
+
+def row(method: str, lib: str, label: str, r: dict[str, float], std: dict[str, float] | None = None) -> str:
+    """One table row; with ``std``, mean +- std over seeds."""
+    def cell(k: str, width: int, fmt: str) -> str:
+        text = format(r[k], fmt) if std is None else f"{format(r[k], fmt)}+-{format(std[k], fmt)}"
+        return f"{text:>{width}s}"
+    return (f"{method:10s} {lib:9s} {label:5s} {cell('fit_s', 13, '.1f')} {cell('infer_ms', 13, '.1f')} "
+            f"{cell('peak_mb', 11, '.0f')} {cell('image_auroc', 15, '.4f')} {cell('pixel_auroc', 15, '.4f')}")
 
 
 def main() -> None:
@@ -155,32 +179,64 @@ def main() -> None:
     parser.add_argument("--n-features", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--methods", nargs="+", default=["patchcore", "padim"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one fit per seed and library")
+    parser.add_argument("--warm-imports", action="store_true",
+                        help="import timm, vadlab's and anomalib's model modules before the fit timer starts")
+    parser.add_argument("--json", type=Path, default=None, help="write the numbers here (after every run)")
     args = parser.parse_args()
+
+    import json
+    import platform
+    import statistics
+    import sys
 
     from vadlab.data import generate
 
     if not (args.data / args.category / "train").is_dir():
         generate(args.data, seed=0, categories=[args.category], n_train=args.n_train, n_test=args.n_test,
                  size=args.image_size)
-    print(f"data {args.data}/{args.category}, {args.image_size} px, threads {torch.get_num_threads()} "
-          f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}), backbone EfficientNet-Lite0 (same weights), "
-          f"coreset ratio {args.coreset_ratio}, PaDiM d={args.n_features}", flush=True)
+    setting = (f"data {args.data}/{args.category}, {args.image_size} px, threads {torch.get_num_threads()} "
+               f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}), backbone EfficientNet-Lite0 (same weights), "
+               f"coreset ratio {args.coreset_ratio}, PaDiM d={args.n_features}, seeds {args.seeds}")
+    print(setting, flush=True)
     base = measure("baseline", "", args)["peak_mb"]
     print(f"baseline peak memory (python + torch + images): {base:.0f} MB", flush=True)
-    header = f"{'method':10s} {'library':9s} {'fit s':>8s} {'infer ms/img':>13s} {'peak MB':>8s} " \
-             f"{'image AUROC':>12s} {'pixel AUROC':>12s}"
+    out: dict[str, Any] = {"command": " ".join(["python", *sys.argv]), "setting": setting,
+                           "machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
+                                      f"{os.cpu_count()} cores, load average at start {os.getloadavg()[0]:.1f}",
+                           "baseline_peak_mb": base, "runs": {}}
+    header = f"{'method':10s} {'library':9s} {'seed':5s} {'fit s':>13s} {'infer ms/img':>13s} {'peak MB':>11s} " \
+             f"{'image AUROC':>15s} {'pixel AUROC':>15s}"
     for method in args.methods:
-        rows = {lib: measure(lib, method, args) for lib in ("vadlab", "anomalib")}
-        print(header)
-        for lib, r in rows.items():
-            print(f"{method:10s} {lib:9s} {r['fit_s']:8.1f} {r['infer_ms']:13.1f} {r['peak_mb']:8.0f} "
-                  f"{r['image_auroc']:12.4f} {r['pixel_auroc']:12.4f}", flush=True)
-        v, a = rows["vadlab"], rows["anomalib"]
-        print(f"{method:10s} anomalib/vadlab: fit {a['fit_s'] / v['fit_s']:.1f}x, inference "
-              f"{a['infer_ms'] / v['infer_ms']:.1f}x, peak memory above baseline "
-              f"{(a['peak_mb'] - base) / max(v['peak_mb'] - base, 1):.1f}x; AUROC difference (vadlab - anomalib): "
-              f"image {100 * (v['image_auroc'] - a['image_auroc']):+.1f} points, "
-              f"pixel {100 * (v['pixel_auroc'] - a['pixel_auroc']):+.1f} points\n", flush=True)
+        print(header, flush=True)
+        means = {}
+        for lib in ("vadlab", "anomalib"):
+            runs = []
+            for seed in args.seeds:
+                r = measure(lib, method, args, seed)
+                runs.append(r)
+                out["runs"].setdefault(method, {}).setdefault(lib, []).append({"seed": seed, **r})
+                print(row(method, lib, str(seed), r), flush=True)
+                if args.json:
+                    args.json.parent.mkdir(parents=True, exist_ok=True)
+                    args.json.write_text(json.dumps(out, indent=1))
+            mean = {k: statistics.mean(r[k] for r in runs) for k in KEYS}
+            std = {k: statistics.stdev(r[k] for r in runs) if len(runs) > 1 else 0.0 for k in KEYS}
+            means[lib] = mean
+            out.setdefault("summary", {}).setdefault(method, {})[lib] = {"mean": mean, "std": std}
+            print(row(method, lib, "mean", mean, std), flush=True)
+        v, a = means["vadlab"], means["anomalib"]
+        ratios = {"fit": a["fit_s"] / v["fit_s"], "inference": a["infer_ms"] / v["infer_ms"],
+                  "peak_memory_above_baseline": (a["peak_mb"] - base) / max(v["peak_mb"] - base, 1),
+                  "image_auroc_points": 100 * (v["image_auroc"] - a["image_auroc"]),
+                  "pixel_auroc_points": 100 * (v["pixel_auroc"] - a["pixel_auroc"])}
+        out["summary"][method]["anomalib_over_vadlab"] = ratios
+        print(f"{method:10s} means, anomalib/vadlab: fit {ratios['fit']:.1f}x, inference {ratios['inference']:.1f}x, "
+              f"peak memory above baseline {ratios['peak_memory_above_baseline']:.1f}x; AUROC difference "
+              f"(vadlab - anomalib): image {ratios['image_auroc_points']:+.1f} points, "
+              f"pixel {ratios['pixel_auroc_points']:+.1f} points\n", flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

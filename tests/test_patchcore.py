@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-from vadlab.data import MVTecDataset, generate, make_loader
 from vadlab.methods import AnomalyMethod, get_method
 from vadlab.methods.patchcore import CPU_PRESET, PatchCore, PatchCoreConfig, reweighted_score
 from vadlab.metrics import image_auroc, pixel_auroc
@@ -84,35 +83,25 @@ def test_reweighting_matches_equation_7():
     assert float(reweighted_score(torch.from_numpy(test), torch.from_numpy(bank), 1)) == pytest.approx(s_star)
 
 
-@pytest.fixture(scope="module")
-def brick(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth")
-    generate(root, seed=0, categories=["brick"], n_train=40, n_test=24, size=128)
-    return root
-
-
-def test_patchcore_separates_generated_defects_and_round_trips(brick):
-    model = PatchCore(batch_size=8)  # paper defaults: 10 % coreset, p = 3, b = 9
-    model.fit(make_loader(MVTecDataset(brick, "brick", "train", 128), batch_size=8))
+def test_patchcore_separates_generated_defects_and_round_trips(synth_tensors, tmp_path):
+    train, test, labels, masks = synth_tensors("brick", 40, 24, 128, 128)
+    batches = list(train.split(8))
+    model = PatchCore(batch_size=8).fit(batches)  # paper defaults: 10 % coreset, p = 3, b = 9
     n_patches = 40 * 16 * 16
     assert model.memory_bank.shape == (int(0.1 * n_patches), 152)
-    test = MVTecDataset(brick, "brick", "test", 128)
-    batch = next(iter(make_loader(test, batch_size=len(test))))
-    scores, maps = model.predict(batch["image"])
+    scores, maps = model.predict(test)
     assert maps.shape == (len(test), 128, 128)
-    assert image_auroc(batch["label"].numpy(), scores.numpy()) >= 0.9
-    assert pixel_auroc(batch["mask"][:, 0].numpy(), maps.numpy()) >= 0.9
+    assert image_auroc(labels.numpy(), scores.numpy()) >= 0.9
+    assert pixel_auroc(masks.numpy(), maps.numpy()) >= 0.9
     # predict's image score is Eq. 7 on the image's own patch features
-    x = model.embed(batch["image"][:1])
+    x = model.embed(test[:1])
     own = reweighted_score(x[0].permute(1, 2, 0).reshape(-1, x.shape[1]), model.memory_bank, 9)
     torch.testing.assert_close(scores[0], own)
     # the same seed gives the same memory bank
-    again_fit = PatchCore(batch_size=8).fit(make_loader(MVTecDataset(brick, "brick", "train", 128), batch_size=8))
-    assert torch.equal(again_fit.memory_bank, model.memory_bank)
+    assert torch.equal(PatchCore(batch_size=8).fit(batches).memory_bank, model.memory_bank)
     # save/load round trip gives identical predictions
-    path = model.save(brick / "patchcore.pt")
-    again = AnomalyMethod.load(path)
-    s2, m2 = again.predict(batch["image"][:4])
+    again = AnomalyMethod.load(model.save(tmp_path / "patchcore.pt"))
+    s2, m2 = again.predict(test[:4])
     assert torch.equal(s2, scores[:4]) and torch.equal(m2, maps[:4])
 
 
