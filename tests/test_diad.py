@@ -5,7 +5,8 @@ import torch
 
 from vadlab.data import MVTecDataset, generate, make_loader
 from vadlab.methods import AnomalyMethod, get_method
-from vadlab.methods.diad import (CPU_PRESET, DiAD, DiADConfig, build_networks, parameter_counts, pooled_max)
+from vadlab.methods.diad import (CPU_PRESET, DiAD, DiADConfig, build_networks, masked_errors, parameter_counts,
+                                 pooled_max)
 
 TINY = dict(ae_channels=8, ae_channel_mult=(1, 2, 2), ae_res_blocks=1, model_channels=16, channel_mult=(1, 2),
             num_res_blocks=1, attention_resolutions=(2,), num_heads=2, hint_channels=(8, 16, 16),
@@ -85,6 +86,13 @@ def test_tiny_diad_trains_predicts_and_round_trips(brick, tmp_path):
     scores, maps = model.predict(batch["image"])
     assert scores.shape == (len(test),) and maps.shape == (len(test), 32, 32)
     assert torch.isfinite(scores).all() and torch.isfinite(maps).all() and (maps >= 0).all()
+    # even after a few steps the reconstruction errs more inside the defects than on the normal rest
+    defective = batch["label"] == 1
+    recon = model.reconstruct(batch["image"][defective])
+    assert recon.shape == batch["image"][defective].shape and 0 <= recon.min() and recon.max() <= 1
+    inside, outside = masked_errors(batch["image"][defective], recon, batch["mask"][defective])
+    assert inside > 1.2 * outside
+    assert model.autoencode(batch["image"][:2]).shape == (2, 3, 32, 32)
     # deterministic: the inference noise is seeded
     s_again, _ = model.predict(batch["image"])
     assert torch.equal(s_again, scores)
@@ -112,6 +120,19 @@ def test_pooled_max_and_parameter_counts():
     assert paper["autoencoder"] == pytest.approx(83.7e6, rel=0.02)  # table 11: SD's KL-f8 autoencoder
     # no text cross-attention here, so a little below the paper's 859 M / 471 M
     assert 0.9 * 859e6 < paper["denoiser"] < 859e6 and 0.9 * 471e6 < paper["sg"] < 471e6
+
+
+def test_masked_errors_tell_a_repairing_reconstruction_from_a_copying_one():
+    images = torch.rand(2, 3, 16, 16)
+    masks = torch.zeros(2, 1, 16, 16)
+    masks[:, :, 4:8, 4:8] = 1
+    assert masked_errors(images, images.clone(), masks) == (0.0, 0.0)  # copies the defect
+    repaired = images.clone()
+    repaired[:, :, 4:8, 4:8] = 2.0  # differs exactly inside the defect, by >= 1 everywhere there
+    inside, outside = masked_errors(images, repaired, masks)
+    assert inside >= 1.0 and outside == 0.0
+    with pytest.raises(ValueError, match="some but not all"):
+        masked_errors(images, repaired, torch.zeros(2, 1, 16, 16))
 
 
 def test_config_registry_and_errors():
