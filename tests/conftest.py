@@ -47,3 +47,21 @@ def fake_vgg16_hub(tmp_path_factory):
     name = torchvision.models.get_model_weights("vgg16").IMAGENET1K_V1.url.rsplit("/", 1)[-1]
     torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, hub / "checkpoints" / name)
     return hub, features
+
+
+@pytest.fixture(scope="session")
+def brick_washer_loaders(synth_tensors):
+    """Factory: per category (brick, washer), a seeded shuffling loader over 40 normal training images,
+    40 test images and their labels, at ``size`` px (the flow tests' data)."""
+
+    def make(size: int) -> dict:
+        from torch.utils.data import DataLoader
+
+        out = {}
+        for category in ("brick", "washer"):
+            train, images, labels, _ = synth_tensors(category, 40, 40, size, size)
+            loader = DataLoader(train, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(0))
+            out[category] = (loader, images, labels.tolist())
+        return out
+
+    return make

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score
-from torch.utils.data import DataLoader
 
 from vadlab.methods import get_method
 from vadlab.methods.base import AnomalyMethod
@@ -19,14 +18,8 @@ TINY = dict(layers=("blocks.1", "blocks.2"), coupling_blocks=4, condition_channe
 
 
 @pytest.fixture(scope="module")
-def data(synth_tensors):
-    """Per category: a shuffling loader over 40 normal training images, 40 test images and their labels."""
-    out = {}
-    for category in ("brick", "washer"):
-        train, images, labels, _ = synth_tensors(category, 40, 40, SIZE, SIZE)
-        loader = DataLoader(train, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(0))
-        out[category] = (loader, images, labels.tolist())
-    return out
+def data(brick_washer_loaders):
+    return brick_washer_loaders(SIZE)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score
-from torch.utils.data import DataLoader
 
 from vadlab.methods import get_method
 from vadlab.methods.base import AnomalyMethod
@@ -20,14 +19,8 @@ TINY = dict(encoder="efficientnet_lite0", encoder_layer="blocks.1", levels=3, st
 
 
 @pytest.fixture(scope="module")
-def data(synth_tensors):
-    """Per category: a shuffling loader over 40 normal training images, 40 test images and their labels."""
-    out = {}
-    for category in ("brick", "washer"):
-        train, images, labels, _ = synth_tensors(category, 40, 40, SIZE, SIZE)
-        loader = DataLoader(train, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(0))
-        out[category] = (loader, images, labels.tolist())
-    return out
+def data(brick_washer_loaders):
+    return brick_washer_loaders(SIZE)
 
 
 @pytest.fixture(scope="module")
