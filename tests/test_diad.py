@@ -1,4 +1,4 @@
-"""DiAD: zero-initialised guidance, gradient flow through SG, a tiny end-to-end run, save/load, errors."""
+"""DiAD: zero-initialised guidance, gradient flow through SG, a tiny end-to-end run, save/load, scoring, errors."""
 
 import pytest
 import torch
@@ -120,6 +120,39 @@ def test_pooled_max_and_parameter_counts():
     assert paper["autoencoder"] == pytest.approx(83.7e6, rel=0.02)  # table 11: SD's KL-f8 autoencoder
     # no text cross-attention here, so a little below the paper's 859 M / 471 M
     assert 0.9 * 859e6 < paper["denoiser"] < 859e6 and 0.9 * 471e6 < paper["sg"] < 471e6
+
+
+def test_score_size_sets_the_backbone_resolution_and_maps_stay_at_the_input_size():
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 32, 32)
+    recon = (images + 0.2 * torch.randn_like(images)).clamp(0, 1)
+    seen = {}
+
+    def spy(model):
+        """Record the side of every image batch the scoring backbone receives and of the maps it returns."""
+        def hook(module, args, out):
+            seen.setdefault(id(model), []).append((args[0].shape[-1], [f.shape[-1] for f in out]))
+        model.backbone.register_forward_hook(hook)
+        return model
+
+    paper = spy(DiAD(**TINY))  # default: the paper's 256 px
+    assert paper.config.score_size == 256 and DiADConfig.cpu_preset().score_size == 256
+    native = spy(DiAD(**TINY, score_size=None))
+    m_paper, m_native = paper.anomaly_map(images, recon), native.anomaly_map(images, recon)
+    # Lite0 blocks 1, 2, 4 have strides 4, 8, 16: the paper's 64 / 32 / 16 px grids at 256 px
+    assert seen[id(paper)] == [(256, [64, 32, 16])] * 2
+    assert seen[id(native)] == [(32, [8, 4, 2])] * 2
+    assert m_paper.shape == m_native.shape == (2, 32, 32) and (m_paper >= 0).all()
+    assert not torch.allclose(m_paper, m_native, atol=1e-3)  # the resolution changes the map
+    assert paper.anomaly_map(images, images).abs().max() < 1e-4  # identical input and reconstruction: no anomaly
+    # the resize keeps the aspect ratio (shorter side to score_size) and leaves images of that size unchanged
+    assert paper.score_view(torch.rand(1, 3, 32, 64)).shape == (1, 3, 256, 512)
+    x = torch.rand(1, 3, 256, 256)
+    assert torch.equal(paper.score_view(x), x)
+    assert DiAD(**TINY, score_size=64).score_view(x).shape == (1, 3, 64, 64)
+    for bad in (0, 16, 100.0, True):
+        with pytest.raises(ValueError, match="score_size"):
+            DiAD(**TINY, score_size=bad)
 
 
 def test_masked_errors_tell_a_repairing_reconstruction_from_a_copying_one():

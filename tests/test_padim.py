@@ -35,6 +35,22 @@ def test_gaussian_matches_numpy_cov_and_mahalanobis():
     np.testing.assert_allclose(g.distance(torch.from_numpy(q))[0, 1, 2].item(), expected, rtol=1e-4)
 
 
+@pytest.mark.parametrize("chunk", [1, 4, 256])
+def test_gaussian_finalised_in_position_chunks_matches_numpy_everywhere(chunk):
+    # finalize works through the 6 positions `chunk` at a time (a chunk of 4 leaves a remainder of 2);
+    # every position must get its own precision, whatever the chunking
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(30, 3, 2, 3)).astype(np.float32) * rng.uniform(0.5, 2, size=(1, 3, 2, 3))
+    g = PositionalGaussian()
+    g.update(torch.from_numpy(x))
+    g.finalize(ridge=0.01, chunk=chunk)
+    assert g.precision.dtype == torch.float32 and g.precision.shape == (2, 3, 3, 3)
+    for i in range(2):
+        for j in range(3):
+            cov = np.cov(x[:, :, i, j].astype(np.float64), rowvar=False) + 0.01 * np.eye(3)
+            np.testing.assert_allclose(g.precision[i, j].numpy(), np.linalg.inv(cov), rtol=1e-4, atol=1e-5)
+
+
 def test_padim_separates_generated_defects_and_localises(brick):
     model = Padim(batch_size=8)
     model.fit(make_loader(MVTecDataset(brick, "brick", "train", 128), batch_size=8))

@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -293,6 +293,16 @@ def _predict_batches(fn, test: torch.Tensor, batch_size: int) -> tuple[np.ndarra
     return np.concatenate(scores), np.concatenate(maps), seconds / len(test)
 
 
+def _anomalib_predictor(model: Any) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """``images -> (scores, maps)`` of an anomalib torch model in eval mode (its ``InferenceBatch`` output)."""
+
+    def predict(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = model(_normalise(x))
+        return out.pred_score, out.anomaly_map
+
+    return predict
+
+
 def anomalib_padim(train: torch.Tensor, test: torch.Tensor, layers: Sequence[str], n_features: int,
                    sigma: float, channel_index: torch.Tensor | None = None, batch_size: int = 16,
                    seed: int = 0) -> RunResult:
@@ -329,11 +339,7 @@ def anomalib_padim(train: torch.Tensor, test: torch.Tensor, layers: Sequence[str
         fit_s = time.perf_counter() - start
         model.eval()
 
-        def predict(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            out = model(_normalise(x))
-            return out.pred_score, out.anomaly_map
-
-        scores, maps, per_image = _predict_batches(predict, test, batch_size)
+        scores, maps, per_image = _predict_batches(_anomalib_predictor(model), test, batch_size)
     return RunResult("anomalib", "padim", scores, maps, fit_s, per_image, mem.peak_mb, settings)
 
 
@@ -375,11 +381,7 @@ def anomalib_patchcore(train: torch.Tensor, test: torch.Tensor, layers: Sequence
         fit_s = time.perf_counter() - start
         model.eval()
 
-        def predict(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            out = model(_normalise(x))
-            return out.pred_score, out.anomaly_map
-
-        scores, maps, per_image = _predict_batches(predict, test, batch_size)
+        scores, maps, per_image = _predict_batches(_anomalib_predictor(model), test, batch_size)
     settings["memory_bank"] = int(model.memory_bank.shape[0])
     return RunResult("anomalib", "patchcore", scores, maps, fit_s, per_image, mem.peak_mb, settings)
 

@@ -48,6 +48,8 @@ def check_images(images: torch.Tensor) -> torch.Tensor:
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images must have shape [B, 3, H, W], got {tuple(images.shape)}; "
                          "add a batch dimension with images[None] or convert to RGB")
+    if images.shape[0] == 0:
+        raise ValueError(f"images is an empty batch {tuple(images.shape)}: pass at least one image")
     if not images.is_floating_point():
         raise ValueError(f"images must be float in [0, 1], got dtype {images.dtype}; divide uint8 images by 255")
     if images.numel() and (images.min() < -1e-3 or images.max() > 1 + 1e-3):
