@@ -316,9 +316,11 @@ assert [row[1] for row in sweep] == [int(r * 40 * 16 * 16) for r, *_ in sweep]
 # committed in `benchmarks/results/memory_bank.json`, from a quiet 2-core CPU; the command and machine
 # are printed below. On that run vadlab's PatchCore fits 20x faster than anomalib's (8.2 s against
 # 164 s; the exact greedy selection is the same, the pruning bounds skip most distance updates) with
-# image AUROC 0.975 against 0.970; PaDiM fits and predicts 1.5-1.6x faster but peaks about 440 MB
-# higher (at the end of its fit the float64 sums, covariance, Cholesky factor and inverse of all 4,096
-# positions briefly coexist, about 330 MB each; a known item to fix). An earlier run at 128 px on a heavily
+# image AUROC 0.975 against 0.970. PaDiM (rerun after the change below) fits 1.2x and predicts 1.5x
+# faster and peaks lower, 2112 MB against 2327 MB. It used to peak about 440 MB *higher*: at the end of
+# the fit the float64 sums, covariance, temporaries, Cholesky factor and inverse of all 4,096 positions
+# coexisted, about 330 MB each; `PositionalGaussian.finalize` now works through the positions 256 at
+# a time, so only the sums and the float32 precisions are ever held in full. An earlier run at 128 px on a heavily
 # loaded machine is kept beside it (`memory_bank_128px_loaded.*`) to show how much load distorts such
 # timings: compare libraries within a run, never across runs.
 
