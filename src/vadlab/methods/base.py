@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 import typing
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Iterator
@@ -148,7 +149,13 @@ class AnomalyMethod(nn.Module):
         if not path.is_file():
             raise FileNotFoundError(f"no saved model at {path}; create one with `vadlab fit`")
         try:
-            blob = torch.load(path, map_location="cpu", weights_only=False)
+            # weights_only: a model file is a pickle, and only tensors, dicts, lists and primitives are
+            # unpickled; anything else (code hidden in a crafted file) is refused, never run.
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise ValueError(f"{path} is not a vadlab model file: it holds objects other than tensors, "
+                             "dicts, lists and numbers, which vadlab refuses to load (a model file from an "
+                             f"untrusted source may run code when unpickled); details: {err}") from err
         except Exception as err:  # noqa: BLE001 - report the file, whatever went wrong
             raise ValueError(f"{path} is not a readable vadlab model file ({err})") from err
         if not isinstance(blob, dict) or "method" not in blob:
