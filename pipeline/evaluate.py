@@ -36,14 +36,13 @@ methods = {"padim": {"image_size": 256, "preset": "paper", "set": {}}}
 results_root = "results"
 
 # %%
-import json
 import time
 from pathlib import Path
 
 import pandas as pd
 
 from vadlab.data import check_dataset
-from vadlab.evaluate import run, run_parallel
+from vadlab.evaluate import run, run_parallel, write_json
 from vadlab.methods import run_settings
 
 check_dataset(data["root"], data["categories"], data["name"])  # clear error (and how to get it) if absent
@@ -81,11 +80,16 @@ def rounded(row: pd.Series, std: pd.Series) -> dict:
     return out
 
 
+# The DVC metric file holds the quality metrics only, so `dvc metrics diff` is empty unless a result
+# changed; the cost figures (seconds, memory, parameters) go to `costs.json` in the run's own folder.
+QUALITY, COST = KEYS[:6], KEYS[6:]
+rows = {c: rounded(row, spread.loc[c]) for c, row in table.iterrows()}
 metrics = {"run": method, "method": implementation, "image_size": image_size, "seeds": seeds,
-           "stage_seconds": round(wall, 1),
-           **{c: rounded(row, spread.loc[c]) for c, row in table.iterrows()}}
-(out_root / "metrics").mkdir(parents=True, exist_ok=True)
-(out_root / "metrics" / f"{method}.json").write_text(json.dumps(metrics, indent=2) + "\n")
+           **{c: {k: v for k, v in r.items() if k.removesuffix("_std") in QUALITY} for c, r in rows.items()}}
+costs = {"run": method, "stage_seconds": round(wall, 1),
+         **{c: {k: v for k, v in r.items() if k in COST} for c, r in rows.items()}}
+write_json(out_root / "metrics" / f"{method}.json", metrics)
+write_json(out_root / method / "costs.json", costs)
 for category, s in keys:
     assert (out_root / method / category / f"seed{s}" / "metrics.json").is_file()
 table

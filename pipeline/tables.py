@@ -40,6 +40,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from vadlab.evaluate import write_json
+
 METRICS = ["image_auroc", "pixel_auroc", "aupro", "pixel_ap", "image_f1max", "pixel_f1max"]
 COSTS = ["fit_seconds", "predict_seconds_per_image", "peak_memory_mb", "n_parameters"]
 root = Path(results_root)
@@ -209,5 +211,5 @@ dvc_metrics = {
                  for m in unified_methods} if len(unified) else {}),
     "digits": {run: round(float(digits_table.loc["mean", run]), 6) for run in digit_runs},
 }
-(root / "summary.json").write_text(json.dumps(dvc_metrics, indent=2) + "\n")
+write_json(root / "summary.json", dvc_metrics)  # a DVC metric (tracked by git)
 print(sorted(p.name for p in tables.iterdir()))

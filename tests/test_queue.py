@@ -46,14 +46,14 @@ def repo(tmp_path):
     stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["evaluate"]
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"evaluate": stage}}, sort_keys=False))
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params.update(data={"name": "tiny", "root": "data/tiny", "categories": list(CATEGORIES)}, run_methods=["padim"],
+    params.update(data={"name": "tiny", "root": "inputs/tiny", "categories": list(CATEGORIES)}, run_methods=["padim"],
                   unified_methods=[], jobs=1)
     if "n_seeds" in params:
         params["n_seeds"] = 1
     params["methods"] = {"padim": {"image_size": 32, "preset": "paper", "set": {"n_features": 16}}}
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    generate(repo / "data" / "tiny", seed=0, categories=list(CATEGORIES), n_train=8, n_test=6, size=32)
-    (repo / ".gitignore").write_text("__pycache__/\n")
+    generate(repo / "inputs" / "tiny", seed=0, categories=list(CATEGORIES), n_train=8, n_test=6, size=32)
+    shutil.copy(ROOT / ".gitignore", repo / ".gitignore")  # the project's own: results/ is ignored but its metrics
     git = ["git", "-c", "user.email=test@vadlab", "-c", "user.name=vadlab-test", "-c", "commit.gpgsign=false"]
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
     _dvc(repo, "init", "-q")

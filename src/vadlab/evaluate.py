@@ -110,6 +110,19 @@ def _write_outputs(result: EvalResult, out_dir: Path, n_overlays: int = 6) -> No
     save_overlays(result, out_dir / "overlays", n=n_overlays)
 
 
+def write_json(path: str | Path, value: Any) -> Path:
+    """Write ``value`` as indented JSON to ``path`` atomically (a temporary file, then ``os.replace``).
+
+    NaN and infinity become ``null``; a reader never sees a half-written file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(_jsonable(value), indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
