@@ -24,6 +24,8 @@
 run = "dmad"
 seed = 0
 jobs = 1
+executor = "local"  # or ray: every run a task on a Ray cluster (params.yaml `executor`, `ray_address`)
+ray_address = None
 digits = {"image_size": 32, "digits": list(range(10)), "runs": {"dmad": {"method": "dmad", "preset": "digits"}}}
 results_root = "results"
 
@@ -58,7 +60,8 @@ print(f"digits run {run} ({implementation}) at {digits['image_size']} px, {jobs}
 start = time.perf_counter()
 calls = [dict(method_name=implementation, digits=[int(d)], image_size=int(digits["image_size"]),
               overrides=overrides, seed=int(seed)) for d in digits["digits"]]
-per_digit = {int(d): r[int(d)] for d, r in zip(digits["digits"], run_parallel(run_digits, calls, jobs))}
+done = run_parallel(run_digits, calls, jobs, executor, ray_address)
+per_digit = {int(d): r[int(d)] for d, r in zip(digits["digits"], done)}
 wall = time.perf_counter() - start
 result = {"run": run, "method": implementation, "image_size": int(digits["image_size"]), "overrides": overrides,
           "image_auroc": {str(d): round(a, 6) for d, a in per_digit.items()},

@@ -31,6 +31,8 @@ method = "padim"
 seed = 0
 n_seeds = 1
 jobs = 1
+executor = "local"  # or ray: every run a task on a Ray cluster (params.yaml `executor`, `ray_address`)
+ray_address = None
 data = {"name": "synthetic", "root": "build/synthetic", "categories": ["brick"]}
 methods = {"padim": {"image_size": 256, "preset": "paper", "set": {}}}
 results_root = "results"
@@ -58,7 +60,7 @@ keys = [(category, s) for s in seeds for category in data["categories"]]
 calls = [dict(method=implementation, data=data["root"], category=category, image_size=image_size,
               overrides=overrides, out_dir=out_root / method / category / f"seed{s}", seed=s)
          for category, s in keys]
-results = dict(zip(keys, run_parallel(run, calls, jobs)))
+results = dict(zip(keys, run_parallel(run, calls, jobs, executor, ray_address)))
 wall = time.perf_counter() - start
 print(f"{len(data['categories'])} categories x {len(seeds)} seeds in {wall:.0f} s")
 

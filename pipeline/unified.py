@@ -26,6 +26,8 @@ seed = 0
 data = {"name": "synthetic", "root": "build/synthetic", "categories": ["brick"]}
 methods = {"padim": {"image_size": 256, "preset": "paper", "set": {}}}
 results_root = "results"
+executor = "local"  # or ray: the one model trains as a task on a Ray cluster (params.yaml `executor`)
+ray_address = None
 
 # %%
 import time
@@ -34,7 +36,7 @@ from pathlib import Path
 import pandas as pd
 
 from vadlab.data import check_dataset
-from vadlab.evaluate import run_unified
+from vadlab.evaluate import run_parallel, run_unified
 from vadlab.methods import run_settings
 
 check_dataset(data["root"], data["categories"], data["name"])  # clear error (and how to get it) if absent
@@ -45,8 +47,9 @@ print(f"unified {method} ({implementation}) on {data['name']} {data['categories'
 
 # %%
 start = time.perf_counter()
-results = run_unified(implementation, data["root"], list(data["categories"]), image_size=image_size,
-                      overrides=overrides, out_dir=out_root / "unified" / method, seed=int(seed))
+call = dict(method=implementation, data=data["root"], categories=list(data["categories"]), image_size=image_size,
+            overrides=overrides, out_dir=out_root / "unified" / method, seed=int(seed))
+results = run_parallel(run_unified, [call], 1, executor, ray_address)[0]
 wall = time.perf_counter() - start
 print(f"one model, {len(results)} categories, {wall:.0f} s")
 

@@ -258,14 +258,25 @@ def run_unified(method: str, data: str | Path, categories: list[str], image_size
     return results
 
 
-def run_parallel(fn: Callable[..., Any], calls: list[dict[str, Any]], jobs: int) -> list[Any]:
+def run_parallel(fn: Callable[..., Any], calls: list[dict[str, Any]], jobs: int, executor: str = "local",
+                 ray_address: str | None = None) -> list[Any]:
     """``fn(**kwargs)`` for every kwargs in ``calls``, ``jobs`` at a time in worker processes (1: in this one).
+
+    ``executor="ray"`` runs each call as a task on a Ray cluster instead (``ray_address``; ``None``: a Ray
+    instance on this machine), one GPU per CUDA run; see :mod:`vadlab.cluster`. ``jobs`` is then unused:
+    the cluster's resources decide how many runs go at once.
 
     The pipeline's runs (categories, seeds, digits) are independent, so they run in separate spawned
     processes that share the CPU threads (``OMP_NUM_THREADS`` split between them); results come back in
     the order of ``calls``. Each run seeds itself, so ``jobs`` changes the wall-clock time, not the numbers
     (beyond floating-point rounding).
     """
+    if executor == "ray":
+        from vadlab.cluster import run_on_ray
+
+        return run_on_ray(fn, calls, address=ray_address)
+    if executor != "local":
+        raise ValueError(f"executor {executor!r} is not one of local, ray (params.yaml `executor`)")
     n = max(1, min(int(jobs), len(calls)))
     if n == 1:
         return [fn(**kwargs) for kwargs in calls]
