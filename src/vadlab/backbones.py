@@ -123,9 +123,15 @@ def load_state_dict_for(name: str, model: nn.Module, weights: str) -> dict[str, 
         if not path.is_file():
             raise FileNotFoundError(f"weights file {path} does not exist; pass an existing state-dict file, "
                                     f"'imagenet' or 'random'")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - not a torch file, or one holding objects: same advice
+            raise ValueError(f"weights={str(path)!r} is not a weights file (a torch state dict saved with "
+                             f"torch.save): {type(err).__name__}") from None
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f"weights={str(path)!r} does not hold a state dict (names -> tensors)")
         return state
     if name == "efficientnet_lite0":
         return _lite0_state_dict(model)

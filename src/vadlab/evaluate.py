@@ -6,7 +6,10 @@ test labels before the scores are final: no threshold, epoch or normalisation is
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import logging
 import multiprocessing
 import os
 import random
@@ -22,10 +25,17 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from vadlab import fileio
 from vadlab.methods import AnomalyMethod, get_method
 from vadlab.metrics import evaluate_all
 
+log = logging.getLogger("vadlab")
+
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "pixel_ap", "image_f1max", "pixel_f1max")
+#: what a run writes into its folder; ``metrics.json`` is written last and marks the run complete
+RUN_OUTPUTS = ("metrics.json", "predictions.npz", "scores.csv", "curves", "history.csv", "overlays", "model.pt")
+#: what to do with an ``out_dir`` that holds a finished run
+EXISTING = ("refuse", "reuse", "overwrite")
 
 
 def seed_everything(seed: int) -> None:
@@ -35,9 +45,30 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def reset_peak_memory() -> None:
+    """Start a new peak-memory measurement in this process (Linux: resets the kernel's VmHWM).
+
+    A pipeline worker process runs several runs; without the reset each would report the largest peak
+    of every earlier run in it. Elsewhere nothing is reset and :func:`run_parallel` gives every run a
+    fresh process instead.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
 def peak_memory_mb() -> float:
-    """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """Peak resident memory of this process since :func:`reset_peak_memory` (Linux), else since start, in MiB."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux KiB (macOS bytes: rough)
 
 
 def count_parameters(model: torch.nn.Module) -> int:
@@ -92,22 +123,142 @@ def evaluate(model: AnomalyMethod, train_loader: Iterable, test_dataset: Dataset
     start = time.perf_counter()
     model.fit(train_loader)
     fit_seconds = time.perf_counter() - start
-    out = predict_dataset(model, test_dataset, batch_size)
+    result = score(model, test_dataset, batch_size)
+    result.metrics.update(fit_seconds=fit_seconds, n_parameters=count_parameters(model))
+    return result
+
+
+def score(model: AnomalyMethod, test_dataset: Dataset, batch_size: int = 16, desc: str = "predict") -> EvalResult:
+    """Score ``test_dataset`` with a fitted ``model`` and compute every metric (no fitting)."""
+    out = predict_dataset(model, test_dataset, batch_size, desc=desc)
     metrics = evaluate_all(out["labels"], out["scores"], out["masks"], out["maps"])
-    metrics.update(fit_seconds=fit_seconds, predict_seconds_per_image=out["seconds"] / len(out["scores"]),
-                   peak_memory_mb=peak_memory_mb(), n_parameters=count_parameters(model))
+    metrics.update(per_defect_image_auroc=per_defect_auroc(out["labels"], out["scores"], out["defects"]),
+                   predict_seconds_per_image=out["seconds"] / len(out["scores"]), peak_memory_mb=peak_memory_mb())
     return EvalResult(metrics, out["scores"], out["labels"], out["maps"], out["masks"], out["paths"], out["defects"])
 
 
-def _write_outputs(result: EvalResult, out_dir: Path, n_overlays: int = 6) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.json").write_text(json.dumps(_jsonable(result.metrics), indent=2, sort_keys=True) + "\n")
-    np.savez_compressed(out_dir / "predictions.npz", scores=result.scores, labels=result.labels,
-                        maps=result.maps.astype(np.float16), masks=result.masks,
-                        paths=np.asarray(result.paths), defects=np.asarray(result.defects))
+def per_defect_auroc(labels: np.ndarray, scores: np.ndarray, defects: list[str]) -> dict[str, float | None]:
+    """Image AUROC of each defect type against the normal images (None without normal images)."""
+    from vadlab.metrics import image_auroc
+
+    labels, defects = np.asarray(labels), np.asarray(defects)
+    normal = labels == 0
+    out: dict[str, float | None] = {}
+    for defect in sorted(set(defects[labels == 1].tolist())):
+        pick = normal | ((defects == defect) & (labels == 1))
+        out[defect] = image_auroc(labels[pick], scores[pick]) if normal.any() else None
+    return out
+
+
+def _thin(x: np.ndarray, y: np.ndarray, n: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+    """At most ``n`` points of the curve (x, y), evenly spaced in index, first and last kept."""
+    if len(x) <= n:
+        return x, y
+    keep = np.unique(np.linspace(0, len(x) - 1, n).round().astype(int))
+    return x[keep], y[keep]
+
+
+def curves(result: EvalResult) -> dict[str, tuple[tuple[str, str], np.ndarray, np.ndarray]]:
+    """ROC and PR curves of the image scores, pixel ROC and PRO curves of the maps: name -> (columns, x, y).
+
+    Pixel curves are left out when no test image has a defect mask (image-level-only datasets).
+    """
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    from vadlab.metrics import pro_curve
+
+    out = {}
+    labels = np.asarray(result.labels)
+    if len(set(labels.tolist())) == 2:
+        fpr, tpr, _ = roc_curve(labels, result.scores)
+        out["image_roc"] = (("fpr", "tpr"), fpr, tpr)
+        precision, recall, _ = precision_recall_curve(labels, result.scores)
+        out["image_pr"] = (("recall", "precision"), recall[::-1], precision[::-1])
+    masks = np.asarray(result.masks)
+    if masks.any() and not masks.all():
+        fpr, tpr, _ = roc_curve(masks.reshape(-1), result.maps.reshape(-1).astype(np.float32))
+        out["pixel_roc"] = (("fpr", "tpr"), *_thin(fpr, tpr))
+        fpr, pro = pro_curve(masks, result.maps)
+        out["pro"] = (("fpr", "pro"), *_thin(np.asarray(fpr), np.asarray(pro)))
+    return out
+
+
+def _csv_text(header: list[str], rows: Iterable[Iterable[Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def history_rows(model: AnomalyMethod) -> tuple[list[str], list[list[Any]]] | None:
+    """The method's training history as CSV (header, rows): per-epoch ``history`` or per-stage ``losses``."""
+    history = getattr(model, "history", None)
+    if history:
+        header = list(dict.fromkeys(k for entry in history for k in entry))
+        if "epoch" not in header:
+            header.insert(0, "epoch")
+            history = [{"epoch": i, **entry} for i, entry in enumerate(history)]
+        return header, [[entry.get(k, "") for k in header] for entry in history]
+    losses = getattr(model, "losses", None)
+    if isinstance(losses, dict) and losses:
+        rows = [[stage, i, float(v)] for stage, values in losses.items() for i, v in enumerate(values or [])]
+        return (["stage", "step", "loss"], rows) if rows else None
+    return None
+
+
+def prepare_out_dir(out_dir: Path, existing: str = "overwrite") -> dict[str, Any] | None:
+    """Make ``out_dir`` ready for a run: the finished run's metrics when ``existing='reuse'``, else None.
+
+    A folder with ``metrics.json`` holds a finished run: ``refuse`` raises, ``reuse`` returns its metrics,
+    ``overwrite`` removes it. A folder without it holds nothing or an unfinished run: its outputs are
+    removed and the run is redone. Files that are not run outputs are left alone.
+    """
+    if existing not in EXISTING:
+        raise ValueError(f"existing must be one of {', '.join(EXISTING)}, got {existing!r}")
+    fileio.check_writable(out_dir)
+    marker = out_dir / "metrics.json"
+    if marker.is_file():
+        if existing == "refuse":
+            raise FileExistsError(f"{out_dir} holds a finished run (metrics.json); pass --existing reuse to keep "
+                                  "it, --existing overwrite to redo it, or choose another --out")
+        if existing == "reuse":
+            log.info("reusing the finished run in %s", out_dir)
+            return json.loads(marker.read_text())
+    elif any((out_dir / name).exists() for name in RUN_OUTPUTS):
+        log.info("%s holds an unfinished run: redoing it", out_dir)
+    fileio.remove_stale(out_dir, RUN_OUTPUTS)
+    return None
+
+
+def write_outputs(result: EvalResult, out_dir: Path, n_overlays: int = 6, model: AnomalyMethod | None = None,
+                  save_model: bool = False) -> None:
+    """Write a run's files into ``out_dir``, each atomically, ``metrics.json`` last (the run's "complete" mark)."""
+    out_dir = Path(out_dir)
+    (out_dir / "metrics.json").unlink(missing_ok=True)
+    with fileio.atomic_path(out_dir / "predictions.npz") as tmp, open(tmp, "wb") as fh:
+        np.savez_compressed(fh, scores=result.scores, labels=result.labels, maps=result.maps.astype(np.float16),
+                            masks=result.masks, paths=np.asarray(result.paths), defects=np.asarray(result.defects))
+    fileio.write_text(out_dir / "scores.csv", _csv_text(
+        ["path", "defect", "label", "score"],
+        ([p, d, int(l), float(s)] for p, d, l, s in zip(result.paths, result.defects, result.labels, result.scores))))
+    for name, (columns, x, y) in curves(result).items():
+        fileio.write_text(out_dir / "curves" / f"{name}.csv", _csv_text(list(columns), zip(x.tolist(), y.tolist())))
+    history = history_rows(model) if model is not None else None
+    if history is not None:
+        fileio.write_text(out_dir / "history.csv", _csv_text(*history))
     from vadlab.visualize import save_overlays
 
     save_overlays(result, out_dir / "overlays", n=n_overlays)
+    if save_model and model is not None:
+        model.save(out_dir / "model.pt", {k: result.metrics.get(k) for k in ("image_size", "category", "data")
+                                           if k in result.metrics})
+    fileio.write_json(out_dir / "metrics.json", _jsonable(result.metrics))
+
+
+def _write_outputs(result: EvalResult, out_dir: Path, n_overlays: int = 6) -> None:
+    """Kept for callers of the earlier name: :func:`write_outputs`."""
+    write_outputs(result, out_dir, n_overlays)
 
 
 def write_json(path: str | Path, value: Any) -> Path:
@@ -208,27 +359,33 @@ def build_method(method: str, overrides: dict[str, Any] | None = None, seed: int
 
 def run(method: str, data: str | Path, category: str, image_size: int = 256,
         overrides: dict[str, Any] | None = None, out_dir: str | Path | None = None, seed: int = 0,
-        batch_size: int = 16, save_model: bool = False) -> dict[str, Any]:
-    """Per-category protocol: fit on ``<data>/<category>/train/good``, evaluate on ``test/``; returns metrics."""
+        batch_size: int = 16, save_model: bool = False, existing: str = "overwrite") -> dict[str, Any]:
+    """Per-category protocol: fit on ``<data>/<category>/train/good``, evaluate on ``test/``; returns metrics.
+
+    ``existing`` says what to do when ``out_dir`` holds a finished run (see :func:`prepare_out_dir`).
+    """
     from vadlab.data import MVTecDataset, make_loader
 
+    if out_dir is not None:
+        reused = prepare_out_dir(Path(out_dir), existing)
+        if reused is not None:
+            return reused
+    reset_peak_memory()
     seed_everything(seed)
     train = MVTecDataset(data, category, "train", image_size)
     test = MVTecDataset(data, category, "test", image_size)
     model = build_method(method, overrides, seed)
     result = evaluate(model, make_loader(train, batch_size=batch_size, shuffle=True, seed=seed), test, batch_size)
     result.metrics.update(method=method, category=category, protocol="per-category", seed=seed,
-                          image_size=image_size, config=asdict(model.config))
+                          image_size=image_size, data=str(data), config=asdict(model.config))
     if out_dir is not None:
-        _write_outputs(result, Path(out_dir))
-        if save_model:
-            model.save(Path(out_dir) / "model.pt")
+        write_outputs(result, Path(out_dir), model=model, save_model=save_model)
     return result.metrics
 
 
 def run_unified(method: str, data: str | Path, categories: list[str], image_size: int = 256,
                 overrides: dict[str, Any] | None = None, out_dir: str | Path | None = None, seed: int = 0,
-                batch_size: int = 16) -> dict[str, dict[str, Any]]:
+                batch_size: int = 16, existing: str = "overwrite") -> dict[str, dict[str, Any]]:
     """Multi-class protocol: one model on every category's normal images, evaluated per category."""
     from torch.utils.data import ConcatDataset
 
@@ -236,6 +393,10 @@ def run_unified(method: str, data: str | Path, categories: list[str], image_size
 
     if not categories:
         raise ValueError("the unified protocol needs at least one category")
+    if out_dir is not None:
+        for category in categories:
+            prepare_out_dir(Path(out_dir) / category, existing)
+    reset_peak_memory()
     seed_everything(seed)
     train = ConcatDataset([MVTecDataset(data, c, "train", image_size) for c in categories])
     model = build_method(method, overrides, seed)
@@ -244,17 +405,13 @@ def run_unified(method: str, data: str | Path, categories: list[str], image_size
     fit_seconds = time.perf_counter() - start
     results = {}
     for category in categories:
-        out = predict_dataset(model, MVTecDataset(data, category, "test", image_size), batch_size, desc=category)
-        metrics = evaluate_all(out["labels"], out["scores"], out["masks"], out["maps"])
-        metrics.update(fit_seconds=fit_seconds, predict_seconds_per_image=out["seconds"] / len(out["scores"]),
-                       peak_memory_mb=peak_memory_mb(), n_parameters=count_parameters(model), method=method,
-                       category=category, protocol="unified", seed=seed, image_size=image_size,
-                       config=asdict(model.config))
-        results[category] = metrics
+        result = score(model, MVTecDataset(data, category, "test", image_size), batch_size, desc=category)
+        result.metrics.update(fit_seconds=fit_seconds, n_parameters=count_parameters(model), method=method,
+                              category=category, protocol="unified", seed=seed, image_size=image_size,
+                              data=str(data), config=asdict(model.config))
+        results[category] = result.metrics
         if out_dir is not None:
-            result = EvalResult(metrics, out["scores"], out["labels"], out["maps"], out["masks"], out["paths"],
-                                out["defects"])
-            _write_outputs(result, Path(out_dir) / category)
+            write_outputs(result, Path(out_dir) / category, model=model)
     return results
 
 
@@ -285,7 +442,9 @@ def run_parallel(fn: Callable[..., Any], calls: list[dict[str, Any]], jobs: int,
     saved = {k: os.environ.get(k) for k in keys}
     os.environ.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TQDM_DISABLE="1")
     try:  # spawned children read the environment at start-up
-        with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
+        # one fresh process per run (max_tasks_per_child=1): its peak memory is its own on every OS, and
+        # nothing one run leaves behind (caches, allocator pools) slows or grows the next
+        with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1) as pool:
             futures = [pool.submit(fn, **kwargs) for kwargs in calls]
             return [f.result() for f in futures]
     finally:

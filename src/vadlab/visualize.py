@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from vadlab.fileio import atomic_path
+
 
 def overlay(image: np.ndarray, amap: np.ndarray, vmin: float, vmax: float, mask: np.ndarray | None = None,
             alpha: float = 0.5) -> np.ndarray:
@@ -41,6 +43,32 @@ def save_overlays(result: Any, out_dir: Path, n: int = 6) -> list[Path]:
         pic = overlay(image, result.maps[i].astype(np.float64), vmin, vmax, result.masks[i])
         name = f"{Path(result.paths[i]).parent.name}_{Path(result.paths[i]).stem}.png"
         path = out_dir / name
-        Image.fromarray(np.concatenate([(image * 255).astype(np.uint8), pic], axis=1)).save(path)
+        with atomic_path(path) as tmp:
+            Image.fromarray(np.concatenate([(image * 255).astype(np.uint8), pic], axis=1)).save(tmp, format="PNG")
         written.append(path)
     return written
+
+
+def save_heatmap(path: Path, image: np.ndarray, amap: np.ndarray, score: float, vmin: float, vmax: float,
+                 threshold: float | None = None, title: str = "") -> Path:
+    """One PNG: the image beside its anomaly-map overlay with a colour bar, titled with score and threshold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8, 4), constrained_layout=True)
+    left.imshow(image)
+    left.set_title(title, fontsize=9)
+    right.imshow(image)
+    shown = right.imshow(amap, cmap="jet", alpha=0.5, vmin=vmin, vmax=vmax)
+    fig.colorbar(shown, ax=right, fraction=0.046, label="anomaly score")
+    verdict = "" if threshold is None else (f" > threshold {threshold:.4g}: anomalous" if score > threshold
+                                            else f" <= threshold {threshold:.4g}: normal")
+    right.set_title(f"score {score:.4g}{verdict}", fontsize=9)
+    for ax in (left, right):
+        ax.axis("off")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)
+    return Path(path)

@@ -173,7 +173,14 @@ def extract(archive: Path, dest: Path) -> Path:
             bad = [m.name for m in tf.getmembers() if not _within(dest, m.name)]
             if bad:
                 raise ValueError(f"{archive} holds paths outside the target folder, e.g. {bad[0]!r}; not extracting")
-            tf.extractall(dest, filter="data")
+            refused = [m.name for m in tf.getmembers() if not (m.isfile() or m.isdir())]
+            if refused:
+                raise ValueError(f"{archive} holds links or device files, e.g. {refused[0]!r}; a dataset archive "
+                                 "holds only files and folders: not extracting (re-download it from the source)")
+            try:
+                tf.extractall(dest, filter="data")
+            except tarfile.TarError as err:
+                raise ValueError(f"{archive}: cannot extract safely ({err}); re-download it from the source") from None
     else:
         raise ValueError(f"{archive} is neither a tar nor a zip archive; check that the download is complete")
     return dest

@@ -14,6 +14,7 @@ and ``path``.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from dataclasses import dataclass
@@ -26,6 +27,17 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from tqdm.auto import tqdm
+
+log = logging.getLogger("vadlab")
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """Log ``message`` as a warning the first time it comes up in this process (items are read every epoch)."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        log.warning(message)
+
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 NORMAL = "good"
@@ -49,8 +61,8 @@ def list_categories(root: str | os.PathLike) -> list[str]:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(
-            f"dataset root {root} does not exist or is not a folder; create the synthetic "
-            "dataset with vadlab.data.generate(root) (CLI: `vadlab data`) or point to an "
+            f"dataset root {root} does not exist or is not a folder; create the generated "
+            f"dataset with `vadlab data synth --out {root}`, or point --data to an "
             "MVTec AD / BTAD folder"
         )
     return sorted(
@@ -126,8 +138,12 @@ def load_image(path: str | os.PathLike, size: int) -> torch.Tensor:
     return resize_image(image_to_array(_open_image(Path(path))), size)
 
 
-def mask_to_array(img: Image.Image) -> np.ndarray:
-    """Binary [H, W] bool mask: a pixel is defective when any colour channel is > 0 (alpha ignored)."""
+def mask_to_array(img: Image.Image, path: str | os.PathLike | None = None) -> np.ndarray:
+    """Binary [H, W] bool mask: defective where the largest colour channel is above half its maximum.
+
+    A binary mask (values 0 and one other) is read exactly; any other mask (a JPEG-saved one, a
+    background of 3) is binarised at half its maximum with a warning naming ``path``. Alpha is ignored.
+    """
     if img.mode in ("RGBA", "RGBa", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
         img = img.convert("RGB")
     elif img.mode in ("LA", "La"):
@@ -135,7 +151,14 @@ def mask_to_array(img: Image.Image) -> np.ndarray:
     arr = np.asarray(img)
     if arr.ndim == 3:
         arr = arr[..., :3].max(axis=-1)
-    return arr > 0
+    top = arr.max() if arr.size else 0
+    if top <= 0:
+        return np.zeros(arr.shape, dtype=bool)
+    values = np.unique(arr)
+    if len(values) > 2 or (len(values) == 2 and values[0] != 0):
+        _warn_once(f"mask {path or '(image)'} is not binary (values {values.min()}..{values.max()}, "
+                   f"{len(values)} levels): defect where it is above half its maximum ({top / 2:g})")
+    return arr > top / 2
 
 
 def resize_image(arr: np.ndarray, size: int) -> torch.Tensor:
@@ -269,7 +292,11 @@ class MVTecDataset(Dataset):
                 f"{image_hw[1]}x{image_hw[0]}; masks must have their image's size. "
                 "Re-export the mask at the image's resolution"
             )
-        return mask_to_array(m)
+        mask = mask_to_array(m, s.mask_path)
+        if s.label == 1 and not mask.any():
+            _warn_once(f"mask {s.mask_path} of defective test image {s.path} is all zero: the image counts as "
+                       "defective but adds no defect pixels; fix the mask or move the image to test/good")
+        return mask
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         s = self.samples[index]

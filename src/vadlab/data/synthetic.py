@@ -647,6 +647,10 @@ def _config(seed: int, categories: Sequence[str], n_train: int, n_test: int, siz
     }
 
 
+#: file in each category folder that ``generate`` writes; ``overwrite=True`` deletes only folders holding it
+SYNTH_MARKER = ".vadlab-synth"
+
+
 def generate(
     out_dir: str | os.PathLike,
     seed: int = 0,
@@ -672,12 +676,13 @@ def generate(
         raise ValueError(f"need n_train >= 1, n_test >= 0 and size >= 16; got {n_train}, {n_test}, {size}")
     config = _config(seed, cats, n_train, n_test, size)
     meta = out / "dataset.json"
-    if meta.is_file() and not overwrite:
+    existing = None
+    if meta.is_file():
         try:
             existing = json.loads(meta.read_text())
         except (OSError, ValueError):
             existing = None
-        if existing == config:
+        if existing == config and not overwrite:
             return out
     clash = [c for c in cats if (out / c).exists()]
     if clash and not overwrite:
@@ -685,11 +690,21 @@ def generate(
             f"{out} already holds {', '.join(clash)} made with other settings (or unfinished); "
             "pass overwrite=True to replace them, or choose another folder"
         )
+    listed = set(existing.get("categories", [])) if meta.is_file() and isinstance(existing, dict) else set()
+    foreign = [c for c in clash if not (out / c / SYNTH_MARKER).is_file() and c not in listed]
+    if foreign:
+        raise FileExistsError(
+            f"{', '.join(str(out / c) for c in foreign)} exists but was not written by `vadlab data synth` "
+            f"(no {SYNTH_MARKER} file): not deleting it; move it away or choose another --out"
+        )
     for c in clash:
         shutil.rmtree(out / c)
     if meta.exists():
         meta.unlink()
     out.mkdir(parents=True, exist_ok=True)
+    for c in cats:  # marks the folders this function made: the only ones overwrite=True deletes
+        (out / c).mkdir()
+        (out / c / SYNTH_MARKER).write_text("written by vadlab data synth; `--overwrite` may delete this folder\n")
 
     jobs: list[tuple[str, str, str | None, int, str]] = []
     for c in cats:

@@ -14,6 +14,8 @@ own backbone.  A loader may yield the dicts of :mod:`vadlab.data` or plain tenso
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 import os
 import pickle
 import typing
@@ -22,6 +24,8 @@ from typing import Any, ClassVar, Iterable, Iterator
 
 import torch
 from torch import nn
+
+log = logging.getLogger("vadlab")
 
 
 def batch_images(batch: Any) -> torch.Tensor:
@@ -107,6 +111,43 @@ def apply_overrides(config: Any, overrides: dict[str, Any]) -> Any:
     return dataclasses.replace(config, **changes)
 
 
+#: hyperparameters with a lower bound wherever a method has them: name -> (bound, strict)
+LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
+    "ridge": (0.0, True), "lr": (0.0, True), "lr_ae": (0.0, True), "eps": (0.0, True),
+    "coreset_ratio": (0.0, True), "hidden_ratio": (0.0, True),
+    "sigma": (0.0, False), "weight_decay": (0.0, False), "kl_weight": (0.0, False),
+    "batch_size": (1, False), "train_batch_size": (1, False), "n_features": (1, False), "k": (1, False),
+    "num_neighbors": (1, False), "fiber_batch": (1, False), "coupling_blocks": (1, False),
+    "ddim_steps": (1, False), "num_timesteps": (1, False),
+}
+#: ``weights`` values that are not file paths
+NAMED_WEIGHTS = ("imagenet", "auto", "random")
+
+
+def check_config(config: Any) -> Any:
+    """Raise a ValueError naming the field when a hyperparameter is out of range; returns ``config``.
+
+    Every float (also inside tuples) must be finite; the fields of :data:`LOWER_BOUNDS` respect their
+    bound; a ``weights`` value that is not imagenet/random must be an existing file.
+    """
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        for v in values:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"{f.name}={v!r} in {type(config).__name__}: must be a finite number")
+        if f.name in LOWER_BOUNDS and isinstance(value, (int, float)) and not isinstance(value, bool):
+            bound, strict = LOWER_BOUNDS[f.name]
+            if value < bound or (strict and value == bound):
+                raise ValueError(f"{f.name}={value!r} in {type(config).__name__}: must be "
+                                 f"{'>' if strict else '>='} {bound}")
+        if f.name == "weights" and isinstance(value, str) and value not in NAMED_WEIGHTS:
+            if not Path(os.path.expanduser(value)).is_file():
+                raise ValueError(f"weights={value!r}: no such file; pass a state-dict file (.pt/.pth), "
+                                 f"or one of {', '.join(NAMED_WEIGHTS)}")
+    return config
+
+
 class AnomalyMethod(nn.Module):
     """Base class: config handling, device, save/load.  Subclasses set ``name`` and ``Config``."""
 
@@ -120,7 +161,9 @@ class AnomalyMethod(nn.Module):
         config = self.Config() if config is None else config
         if not isinstance(config, self.Config):
             raise TypeError(f"{type(self).__name__} needs a {self.Config.__name__}, got {type(config).__name__}")
-        self.config = apply_overrides(config, overrides) if overrides else config
+        self.config = check_config(apply_overrides(config, overrides) if overrides else config)
+        #: what prediction needs besides the weights (image size, threshold, run config, version); saved
+        self.meta: dict[str, Any] = {}
 
     # -- the interface -------------------------------------------------------------
     def fit(self, train_loader: Iterable) -> "AnomalyMethod":  # pragma: no cover - abstract
@@ -134,17 +177,30 @@ class AnomalyMethod(nn.Module):
         return torch.device(getattr(self.config, "device", "cpu"))
 
     # -- persistence ---------------------------------------------------------------
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write config and learnt state to ``path`` (a ``.pt`` file); returns the path."""
+    def save(self, path: str | os.PathLike, meta: dict[str, Any] | None = None) -> Path:
+        """Write config, learnt state and ``meta`` (merged into ``self.meta``) to ``path`` atomically.
+
+        ``meta`` holds what prediction needs besides the weights: ``image_size``, a ``threshold`` set on
+        normal images, the run's settings; the vadlab version is added. Returns the path.
+        """
+        from vadlab import __version__
+        from vadlab.fileio import atomic_path
+
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        self.meta = {**self.meta, **(meta or {}), "vadlab_version": __version__}
         state = {k: v.detach().cpu() for k, v in self.state_dict().items() if not k.startswith(self.frozen_prefixes)}
-        torch.save({"method": self.name, "config": dataclasses.asdict(self.config), "state": state}, path)
+        blob = {"method": self.name, "config": dataclasses.asdict(self.config), "state": state, "meta": self.meta}
+        with atomic_path(path) as tmp:
+            torch.save(blob, tmp)
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, **overrides: Any) -> "AnomalyMethod":
-        """Rebuild a saved method; ``AnomalyMethod.load`` finds the class from the file."""
+    def load(cls, path: str | os.PathLike, device: str | None = None, **overrides: Any) -> "AnomalyMethod":
+        """Rebuild a saved method; ``AnomalyMethod.load`` finds the class from the file.
+
+        ``device`` overrides the saved one; a model saved on CUDA loads on the CPU (with a note) when this
+        machine has no CUDA. ``model.meta`` is what the file recorded (empty for files before 0.1.0).
+        """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no saved model at {path}; create one with `vadlab fit`")
@@ -168,7 +224,18 @@ class AnomalyMethod(nn.Module):
         config_fields = {f.name for f in dataclasses.fields(klass.Config)}
         kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in blob["config"].items() if k in config_fields}
         kwargs.update(overrides)
+        if device is not None:
+            kwargs["device"] = device
+        saved_device = str(kwargs.get("device", "cpu"))
+        if device is None and saved_device.startswith("cuda") and not torch.cuda.is_available():
+            log.warning("%s was saved with device=%s, but torch sees no CUDA GPU here: loading it on the CPU "
+                        "(pass --device to choose)", path, saved_device)
+            kwargs["device"] = "cpu"
         model = klass(klass.Config(**kwargs))
+        model.meta = dict(blob.get("meta") or {})
+        if not model.meta:
+            log.info("%s has no metadata (saved before vadlab 0.1.0): its image size and threshold are "
+                     "unknown; refit it to record them", path)
         missing, unexpected = model.load_state_dict(blob["state"], strict=False)
         missing = [k for k in missing if not k.startswith(model.frozen_prefixes)]
         if missing or unexpected:
