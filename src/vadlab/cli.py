@@ -15,6 +15,7 @@ Messages go through the ``vadlab`` logger (``-v`` for more, ``-q`` for warnings 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import json
@@ -262,6 +263,19 @@ def _load_model(args: argparse.Namespace):
 PREDICT_OUTPUTS = ("scores.csv", "maps", "heatmaps")
 
 
+@contextlib.contextmanager
+def _size_hint(meta: dict, size: int):
+    """Add the fitted image size to a shape error raised while predicting at another size."""
+    try:
+        yield
+    except ValueError as err:
+        trained = meta.get("image_size")
+        if trained and trained != size:
+            raise ValueError(f"{err} (the model was fitted at {trained} px and cannot predict at {size}: "
+                             f"drop --image-size or pass {trained})") from None
+        raise
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
@@ -279,7 +293,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for start in range(0, len(files), args.batch_size):
         chunk = files[start:start + args.batch_size]
         images = torch.stack([load_image(f, size) for f in chunk])
-        scores, maps = model.predict(images)
+        with _size_hint(meta, size):
+            scores, maps = model.predict(images)
         for i, (f, s, m) in enumerate(zip(chunk, scores.tolist(), maps.cpu().float().numpy()), start):
             map_file = out / "maps" / f"{i:05d}_{f.stem}.npy"  # numbered: folders may repeat file names
             with fileio.atomic_path(map_file) as tmp, open(tmp, "wb") as fh:
@@ -329,7 +344,8 @@ def cmd_test(args: argparse.Namespace) -> int:
             print(_table([reused], ("category",) + METRIC_KEYS))
             return 0
     reset_peak_memory()
-    result = score(model, test, args.batch_size)
+    with _size_hint(meta, size):
+        result = score(model, test, args.batch_size)
     result.metrics.update(method=model.name, category=category, protocol="test", image_size=size,
                           data=str(args.data), model=str(args.model), config=dataclasses.asdict(model.config),
                           threshold=meta.get("threshold"))
@@ -518,7 +534,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError, WeightsUnavailableError) as err:
         message = str(err) if not isinstance(err, OSError) or err.filename is None or str(err.filename) in str(err) \
             else f"{err.strerror or err}: {err.filename}"
-        print(f"vadlab: error: {message}", file=sys.stderr)
+        print(f"vadlab: error: {' '.join(message.split())}", file=sys.stderr)  # one line
         return 2
     except FloatingPointError as err:
         print(f"vadlab: error: {err}", file=sys.stderr)

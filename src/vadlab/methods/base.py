@@ -148,6 +148,13 @@ def check_config(config: Any) -> Any:
     return config
 
 
+def _first_line(err: BaseException) -> str:
+    """The gist of ``err`` (torch's unpickling errors run to a dozen lines of advice)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    gist = [line for line in lines if "Unsupported global" in line or "GLOBAL" in line]
+    return (gist or lines or [type(err).__name__])[0]
+
+
 class AnomalyMethod(nn.Module):
     """Base class: config handling, device, save/load.  Subclasses set ``name`` and ``Config``."""
 
@@ -211,7 +218,7 @@ class AnomalyMethod(nn.Module):
         except pickle.UnpicklingError as err:
             raise ValueError(f"{path} is not a vadlab model file: it holds objects other than tensors, "
                              "dicts, lists and numbers, which vadlab refuses to load (a model file from an "
-                             f"untrusted source may run code when unpickled); details: {err}") from err
+                             f"untrusted source may run code when unpickled); details: {_first_line(err)}") from None
         except Exception as err:  # noqa: BLE001 - report the file, whatever went wrong
             raise ValueError(f"{path} is not a readable vadlab model file ({err})") from err
         if not isinstance(blob, dict) or "method" not in blob:
