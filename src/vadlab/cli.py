@@ -376,10 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
                       default=argparse.SUPPRESS, help="more messages")
     logs.add_argument("-q", "--quiet", dest="log_level", action="store_const", const=logging.WARNING,
                       default=argparse.SUPPRESS, help="warnings and errors only")
-    parser = argparse.ArgumentParser(prog="vadlab", description="Visual anomaly detection: data, methods, metrics.",
-                                     parents=[logs])
+    parser = argparse.ArgumentParser(prog="vadlab", description="Visual anomaly detection: data, methods, metrics.")
+    parser.add_argument("-v", "--verbose", dest="top_log_level", action="store_const", const=logging.DEBUG,
+                        default=logging.INFO, help="more messages")
+    parser.add_argument("-q", "--quiet", dest="top_log_level", action="store_const", const=logging.WARNING,
+                        help="warnings and errors only")
     parser.add_argument("--version", action="version", version=f"vadlab {__version__}")
-    parser.set_defaults(log_level=logging.INFO)
     verbs = parser.add_subparsers(dest="verb", required=True)
     _add = verbs.add_parser
 
@@ -525,7 +527,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from vadlab.backbones import WeightsUnavailableError
 
     args = build_parser().parse_args(argv)
-    _setup_logging(args.log_level)
+    _setup_logging(getattr(args, "log_level", args.top_log_level))  # after the verb wins
     try:
         return args.func(args)
     except KeyboardInterrupt:
