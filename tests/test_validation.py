@@ -85,6 +85,19 @@ def test_image_size_bounds(root, capsys, no_work, size, needle):
     _one_line_error(capsys, f"--image-size {size}", needle)
 
 
+def test_image_size_must_be_a_multiple_where_the_method_needs_it(root, capsys, monkeypatch):
+    """PyramidFlow's pyramid halves its stride-4 features twice: 40 px cannot work, said before fitting."""
+    from vadlab.methods.pyramidflow import PyramidFlow
+
+    def no_fit(self, loader):
+        raise AssertionError("the size error must come before fitting")
+
+    monkeypatch.setattr(PyramidFlow, "fit", no_fit)
+    assert main(["evaluate", "pyramidflow", "--data", str(root), "--category", "brick", "--preset", "cpu",
+                 "--image-size", "40"]) == 2
+    _one_line_error(capsys, "(40, 40)", "multiple of")
+
+
 def test_out_that_is_a_file_is_refused_before_any_work(root, tmp_path, capsys, no_work):
     afile = tmp_path / "afile"
     afile.write_text("x")

@@ -205,6 +205,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed)).tolist()
     fit_set, hold_set = Subset(train, order[n_hold:]), Subset(train, order[:n_hold])
     model = build_method(args.method, args.overrides, args.seed)
+    model.check_input_size(args.image_size)
     model.fit(make_loader(fit_set, batch_size=args.batch_size, shuffle=True, seed=args.seed))
     info = {"method": args.method, "image_size": args.image_size, "category": args.category, "data": str(args.data),
             "seed": args.seed, "overrides": {k: str(v) for k, v in args.overrides.items()},

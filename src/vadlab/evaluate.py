@@ -375,6 +375,7 @@ def run(method: str, data: str | Path, category: str, image_size: int = 256,
     train = MVTecDataset(data, category, "train", image_size)
     test = MVTecDataset(data, category, "test", image_size)
     model = build_method(method, overrides, seed)
+    model.check_input_size(image_size)
     result = evaluate(model, make_loader(train, batch_size=batch_size, shuffle=True, seed=seed), test, batch_size)
     result.metrics.update(method=method, category=category, protocol="per-category", seed=seed,
                           image_size=image_size, data=str(data), config=asdict(model.config))
@@ -400,6 +401,7 @@ def run_unified(method: str, data: str | Path, categories: list[str], image_size
     seed_everything(seed)
     train = ConcatDataset([MVTecDataset(data, c, "train", image_size) for c in categories])
     model = build_method(method, overrides, seed)
+    model.check_input_size(image_size)
     start = time.perf_counter()
     model.fit(make_loader(train, batch_size=batch_size, shuffle=True, seed=seed))
     fit_seconds = time.perf_counter() - start

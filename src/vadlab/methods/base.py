@@ -179,6 +179,9 @@ class AnomalyMethod(nn.Module):
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover
         raise NotImplementedError
 
+    def check_input_size(self, size: int) -> None:
+        """Raise a ValueError when the method cannot work on ``size`` x ``size`` images (default: any size)."""
+
     @property
     def device(self) -> torch.device:
         return torch.device(getattr(self.config, "device", "cpu"))

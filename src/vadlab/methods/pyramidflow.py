@@ -299,6 +299,9 @@ class PyramidFlow(AnomalyMethod):
     def template(self) -> list[torch.Tensor]:
         return [getattr(self, f"template_{l}") for l in range(self.config.levels)]
 
+    def check_input_size(self, size: int) -> None:
+        self._check_size((size, size))
+
     def _check_size(self, size: tuple[int, int]) -> None:
         unit = self.stride * 2 ** (self.config.levels - 1)
         if size[0] % unit or size[1] % unit:
