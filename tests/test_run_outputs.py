@@ -175,3 +175,16 @@ def test_peak_memory_is_measured_per_run():
     del big
     reset_peak_memory()
     assert peak_memory_mb() < with_big - 200
+
+
+def test_refusal_comes_before_the_first_category_is_fitted(root, tmp_path, capsys, monkeypatch):
+    two = generate(tmp_path / "two", seed=1, categories=["brick", "grass"], n_train=4, n_test=4, size=32)
+    out = tmp_path / "runs"
+    (out / "grass").mkdir(parents=True)
+    (out / "grass" / "metrics.json").write_text("{}")
+    import vadlab.evaluate
+
+    monkeypatch.setattr(vadlab.evaluate, "build_method", lambda *a, **k: pytest.fail("fitted before refusing"))
+    for protocol in ("per-category", "unified"):
+        assert main(["evaluate", "padim", "--data", str(two), "--out", str(out), "--protocol", protocol]) == 2
+        assert "grass" in capsys.readouterr().err

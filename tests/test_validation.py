@@ -77,6 +77,8 @@ def test_offline_backbone_is_a_clear_error(root, tmp_path, monkeypatch, capsys):
     assert main(["evaluate", "padim", "--data", str(root), "--category", "brick", "--set", "backbone=resnet18",
                  "--set", "layers=layer1,layer2,layer3", *FAST]) == 2
     _one_line_error(capsys, "resnet18", "efficientnet_lite0")
+    assert main(["evaluate", "padim", "--data", str(root), "--category", "brick", "--set", "backbone=resnet9000"]) == 2
+    _one_line_error(capsys, "resnet9000", "choose one of")
 
 
 @pytest.mark.parametrize("size, needle", [("1", "too small"), ("7", "too small"), ("10000", "GiB")])
@@ -180,13 +182,13 @@ def test_version(capsys):
 def test_quiet_and_verbose(tmp_path, capsys):
     assert main(["data", "synth", "--out", str(tmp_path / "a"), "--categories", "brick", "--n-train", "2",
                  "--n-test", "2", "--size", "32"]) == 0
-    assert "wrote the generated dataset" in capsys.readouterr().err
+    assert "wrote the generated dataset" in capsys.readouterr().out
     assert main(["-q", "data", "synth", "--out", str(tmp_path / "b"), "--categories", "brick", "--n-train", "2",
                  "--n-test", "2", "--size", "32"]) == 0
-    assert "wrote" not in capsys.readouterr().err
+    assert "wrote" not in capsys.readouterr().out
     assert main(["data", "synth", "-q", "--out", str(tmp_path / "c"), "--categories", "brick", "--n-train", "2",
                  "--n-test", "2", "--size", "32"]) == 0
-    assert "wrote" not in capsys.readouterr().err
+    assert "wrote" not in capsys.readouterr().out
 
 
 def test_synth_overwrite_removes_only_folders_synth_made(tmp_path, capsys):

@@ -9,7 +9,8 @@
     vadlab methods                                  list methods and their hyperparameters
 
 User errors (a bad value, a missing file) end with one line on stderr and exit code 2; Ctrl-C exits 130.
-Messages go through the ``vadlab`` logger (``-v`` for more, ``-q`` for warnings only).
+Messages go through the ``vadlab`` logger: notes and results to stdout, warnings to stderr (``-v`` for
+more, ``-q`` for warnings only); tables of metrics are printed to stdout.
 """
 
 from __future__ import annotations
@@ -158,12 +159,17 @@ def _mean_row(rows: list[dict], keys: Sequence[str]) -> dict:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from vadlab import fileio
-    from vadlab.evaluate import METRIC_KEYS, run, run_unified
+    from vadlab.evaluate import METRIC_KEYS, finished_run_error, run, run_unified
 
     _resolve_run(args)
     categories = _categories(args)
     if args.out is not None:
         fileio.check_writable(args.out)
+        folders = [Path(args.out) / c for c in categories] if len(categories) > 1 or args.protocol == "unified" \
+            else [Path(args.out)]
+        finished = [f for f in folders if (f / "metrics.json").is_file()]
+        if finished and args.existing == "refuse":  # say so before the first category is fitted
+            raise finished_run_error(finished[0])
     keys = ("category",) + METRIC_KEYS + ("fit_seconds", "predict_seconds_per_image")
     if args.protocol == "unified":
         results = run_unified(args.method, args.data, categories, args.image_size, args.overrides, args.out,
@@ -477,16 +483,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stderr`` is at the time (tests and notebooks swap it)."""
+class _ConsoleHandler(logging.StreamHandler):
+    """Notes and results to ``sys.stdout``, warnings and errors to ``sys.stderr``, looked up at each message
+    (tests and notebooks swap them)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.setFormatter(logging.Formatter("vadlab: %(message)s"))
+        self._level = logging.INFO
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._level = record.levelno
+        super().emit(record)
 
     @property
     def stream(self):  # type: ignore[override]
-        return sys.stderr
+        return sys.stderr if self._level >= logging.WARNING else sys.stdout
 
     @stream.setter
     def stream(self, value) -> None:
@@ -498,8 +510,8 @@ class _StderrHandler(logging.StreamHandler):
 
 
 def _setup_logging(level: int) -> None:
-    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
-        log.addHandler(_StderrHandler())
+    if not any(isinstance(h, _ConsoleHandler) for h in log.handlers):
+        log.addHandler(_ConsoleHandler())
     log.setLevel(level)
 
 

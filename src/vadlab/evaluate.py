@@ -207,6 +207,12 @@ def history_rows(model: AnomalyMethod) -> tuple[list[str], list[list[Any]]] | No
     return None
 
 
+def finished_run_error(out_dir: Path) -> FileExistsError:
+    """The error for a folder that holds a finished run when the user did not say to reuse or redo it."""
+    return FileExistsError(f"{out_dir} holds a finished run (metrics.json); pass --existing reuse to keep it, "
+                           "--existing overwrite to redo it, or choose another --out")
+
+
 def prepare_out_dir(out_dir: Path, existing: str = "overwrite") -> dict[str, Any] | None:
     """Make ``out_dir`` ready for a run: the finished run's metrics when ``existing='reuse'``, else None.
 
@@ -220,8 +226,7 @@ def prepare_out_dir(out_dir: Path, existing: str = "overwrite") -> dict[str, Any
     marker = out_dir / "metrics.json"
     if marker.is_file():
         if existing == "refuse":
-            raise FileExistsError(f"{out_dir} holds a finished run (metrics.json); pass --existing reuse to keep "
-                                  "it, --existing overwrite to redo it, or choose another --out")
+            raise finished_run_error(out_dir)
         if existing == "reuse":
             log.info("reusing the finished run in %s", out_dir)
             return json.loads(marker.read_text())
@@ -394,9 +399,13 @@ def run_unified(method: str, data: str | Path, categories: list[str], image_size
 
     if not categories:
         raise ValueError("the unified protocol needs at least one category")
-    if out_dir is not None:
-        for category in categories:
-            prepare_out_dir(Path(out_dir) / category, existing)
+    if out_dir is not None:  # one model for all categories: reuse only when every category is finished
+        reused = {c: prepare_out_dir(Path(out_dir) / c, existing) for c in categories}
+        if all(m is not None for m in reused.values()):
+            return reused
+        for category, metrics in reused.items():
+            if metrics is not None:
+                prepare_out_dir(Path(out_dir) / category, "overwrite")
     reset_peak_memory()
     seed_everything(seed)
     train = ConcatDataset([MVTecDataset(data, c, "train", image_size) for c in categories])
