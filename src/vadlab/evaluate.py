@@ -271,12 +271,7 @@ def write_json(path: str | Path, value: Any) -> Path:
 
     NaN and infinity become ``null``; a reader never sees a half-written file.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(_jsonable(value), indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return fileio.write_text(path, json.dumps(_jsonable(value), indent=2) + "\n")
 
 
 def _jsonable(value: Any) -> Any:
