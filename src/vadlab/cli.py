@@ -247,9 +247,10 @@ def _image_files(inputs: Sequence[str]) -> list[Path]:
 
 def _load_model(args: argparse.Namespace):
     """The saved model, its metadata (old files: from the .json beside it) and the image size to use."""
+    from vadlab.evaluate import resolve_device
     from vadlab.methods import AnomalyMethod
 
-    model = AnomalyMethod.load(args.model, device=args.device)
+    model = AnomalyMethod.load(args.model, device=resolve_device(args.device) if args.device else None)
     meta = dict(model.meta)
     if not meta:
         info_path = Path(args.model).with_suffix(".json")
@@ -459,7 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("model", help="model file written by `vadlab fit` or `vadlab evaluate --save-model`")
         p.add_argument("--image-size", type=int, help="default: the size the model was fitted at")
         p.add_argument("--batch-size", type=_positive_int, default=16)
-        p.add_argument("--device", help="cpu, cuda or cuda:N (default: the saved one; CPU when it has no CUDA)")
+        p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the saved one; the CPU when this "
+                       "machine has no CUDA)")
 
     te = verbs.add_parser("test", help="score a saved model on a test split: every metric, no refit")
     saved(te)
