@@ -261,11 +261,6 @@ def write_outputs(result: EvalResult, out_dir: Path, n_overlays: int = 6, model:
     fileio.write_json(out_dir / "metrics.json", _jsonable(result.metrics))
 
 
-def _write_outputs(result: EvalResult, out_dir: Path, n_overlays: int = 6) -> None:
-    """Kept for callers of the earlier name: :func:`write_outputs`."""
-    write_outputs(result, out_dir, n_overlays)
-
-
 def write_json(path: str | Path, value: Any) -> Path:
     """Write ``value`` as indented JSON to ``path`` atomically (a temporary file, then ``os.replace``).
 
