@@ -15,8 +15,14 @@ def record_gpu(name: str, seconds: float, overrides: dict | None = None) -> dict
             "device": (overrides or {}).get("device"), "pid": os.getpid()}
 
 
-def write_or_fail(method: str, category: str, seed: int, out_dir: str | Path, fail: bool = False) -> dict:
-    """A run that writes metrics.json into ``out_dir`` like vadlab.evaluate.run, or raises when ``fail``."""
+def write_or_fail(method: str, category: str, seed: int, out_dir: str | Path, fail: bool = False,
+                  log: str | None = None, existing: str = "overwrite") -> dict:
+    """A run that writes metrics.json into ``out_dir`` like vadlab.evaluate.run, or raises when ``fail``.
+
+    ``log``: a file on this machine to which every call appends its category and seed."""
+    if log:
+        with open(log, "a") as fh:
+            fh.write(f"{category} {seed}\n")
     if fail:
         raise ValueError(f"{category} seed {seed}: this run was told to fail")
     out = Path(out_dir)

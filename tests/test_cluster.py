@@ -118,10 +118,11 @@ def test_each_gpu_run_gets_its_own_gpu_and_never_shares_it(cluster):
     assert len({r["pid"] for r in gpu_runs}) == 4  # a fresh worker process per run
 
 
-def test_a_failed_run_is_named_and_the_others_are_kept(cluster, tmp_path):
+def test_a_failed_run_is_named_the_others_are_kept_and_a_rerun_redoes_only_it(cluster, tmp_path):
     cluster.start_head(cpus=2)
-    calls = [dict(method="padim", category=c, seed=s, out_dir=str(tmp_path / c / f"seed{s}"),
-                  fail=(c, s) == ("grass", 1)) for c in ("brick", "grass") for s in (0, 1)]
+    log = tmp_path / "calls.log"
+    calls = [dict(method="padim", category=c, seed=s, out_dir=str(tmp_path / c / f"seed{s}"), log=str(log),
+                  fail=(c, s) == ("grass", 1), existing="reuse") for c in ("brick", "grass") for s in (0, 1)]
     with pytest.raises(RunsFailed) as info:
         run_parallel(ray_probes.write_or_fail, calls, jobs=1, executor="ray", ray_address=cluster.address)
     message = str(info.value)
@@ -130,6 +131,12 @@ def test_a_failed_run_is_named_and_the_others_are_kept(cluster, tmp_path):
     assert [what for what, _ in info.value.failures] == ["method=padim category=grass seed=1"]
     for call in calls:  # the finished runs' outputs were written on the driver; the failed one has none
         assert (Path(call["out_dir"]) / "metrics.json").is_file() == (not call["fail"])
+    assert sorted(log.read_text().split("\n")[:-1]) == ["brick 0", "brick 1", "grass 0", "grass 1"]
+    log.unlink()
+    fixed = [{**call, "fail": False} for call in calls]
+    results = run_parallel(ray_probes.write_or_fail, fixed, jobs=1, executor="ray", ray_address=cluster.address)
+    assert log.read_text() == "grass 1\n"  # only the failed run was sent again
+    assert [r["image_auroc"] for r in results] == [0.5, 0.6, 0.5, 0.6]  # the others' stored results
 
 
 def test_executor_names_are_checked():

@@ -16,12 +16,14 @@ the same path (the dataset: ``dvc pull`` or a copy on each node, or a shared mou
 the same vadlab and Python packages.
 
 A run that raises does not stop the others: every task is waited for, the finished runs' outputs are
-written, then :class:`RunsFailed` names each failed run (method, category, seed) with its error.
+written, then :class:`RunsFailed` names each failed run (method, category, seed) with its error. Called
+again with ``existing="reuse"`` in the calls, only the runs without a ``metrics.json`` are sent again.
 Ray is an optional extra: ``pip install 'vadlab[cluster]'``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -93,14 +95,30 @@ def _task(fn: Callable[..., Any], kwargs: dict[str, Any], cpus: int, gpu: bool) 
 
 
 def _write_files(out_dir: str | os.PathLike, files: dict[str, bytes]) -> None:
-    """Write a run's returned files under ``out_dir`` atomically, ``metrics.json`` (the marker) last."""
-    out_dir = Path(out_dir)
+    """Write a run's returned files under ``out_dir``, each atomically, ``metrics.json`` (the marker) last."""
+    from vadlab import fileio
+
     for name in sorted(files, key=lambda n: (Path(n).name == "metrics.json", n)):
-        target = out_dir / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(files[name])
-        os.replace(tmp, target)
+        with fileio.atomic_path(Path(out_dir) / name) as tmp:
+            tmp.write_bytes(files[name])
+
+
+def _reusable(kwargs: dict[str, Any]) -> Any:
+    """The stored result of a finished run that the call asks to reuse (``existing="reuse"``), else None.
+
+    Checked on the driver, where the outputs are, before anything is sent to the cluster: after a failure,
+    a rerun with ``existing="reuse"`` sends only the runs that have no ``metrics.json`` yet.
+    """
+    if kwargs.get("existing") != "reuse" or kwargs.get("out_dir") is None:
+        return None
+    out_dir = Path(kwargs["out_dir"])
+    if "categories" in kwargs:  # one unified model: reused only when every category finished
+        markers = {c: out_dir / c / "metrics.json" for c in kwargs["categories"]}
+        if all(m.is_file() for m in markers.values()):
+            return {c: json.loads(m.read_text()) for c, m in markers.items()}
+        return None
+    marker = out_dir / "metrics.json"
+    return json.loads(marker.read_text()) if marker.is_file() else None
 
 
 def run_on_ray(fn: Callable[..., Any], calls: list[dict[str, Any]], address: str | None = None,
@@ -117,15 +135,17 @@ def run_on_ray(fn: Callable[..., Any], calls: list[dict[str, Any]], address: str
                  configure_logging=False)
     try:
         cluster_gpus = float(ray.cluster_resources().get("GPU", 0))
-        refs = []
-        for kwargs in calls:
+        results: list[Any] = [None] * len(calls)
+        index = {}
+        for i, kwargs in enumerate(calls):
+            results[i] = _reusable(kwargs)
+            if results[i] is not None:
+                continue
             gpu = _wants_gpu(kwargs, cluster_gpus)
             remote = ray.remote(num_cpus=cpus_per_run, num_gpus=1 if gpu else 0, max_calls=1, max_retries=0)(_task)
-            refs.append(remote.remote(fn, kwargs, cpus_per_run, gpu))
-        index = {ref: i for i, ref in enumerate(refs)}
-        results: list[Any] = [None] * len(calls)
+            index[remote.remote(fn, kwargs, cpus_per_run, gpu)] = i
         failures: dict[int, tuple[str, str]] = {}
-        pending = list(refs)
+        pending = list(index)
         while pending:  # as each run finishes, its outputs are written on the head
             done, pending = ray.wait(pending, num_returns=1)
             i = index[done[0]]
