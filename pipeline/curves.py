@@ -28,6 +28,8 @@
 # - `scores.csv` (`images`: normal or defective, `z`, `count`): histograms of the image scores, each
 #   category's scores standardised by the mean and standard deviation of its normal test images (for
 #   display only: every metric uses the raw scores).
+# - `training.csv` (`category`, `step`, `loss`): the training loss each trained method logged
+#   (`history.csv` of its runs: per epoch, or per step and stage), for every category.
 #
 # A run averages the categories so that one figure compares all runs; per-category ROC curves are in
 # the `figures` stage's `<run>_roc.png`.
@@ -91,6 +93,15 @@ def run_curves(run: str, unified: bool) -> dict[str, pd.DataFrame]:
                                    pd.DataFrame({"images": "defective", "z": centres, "count": defective})])}
     if pros:
         curves["pixel_pro"] = pd.DataFrame({"fpr": PRO_FPR, "pro": np.mean(pros, axis=0)})
+    histories = []
+    for category in categories:  # trained methods log their loss; memory banks and Gaussians have none
+        base = root / data["name"] / ("unified" if unified else "") / run / category
+        path = (base if unified else base / f"seed{seed}") / "history.csv"
+        if path.is_file():
+            loss = pd.read_csv(path)["loss"].to_numpy()
+            histories.append(pd.DataFrame({"category": category, "step": np.arange(1, len(loss) + 1), "loss": loss}))
+    if histories:
+        curves["training"] = pd.concat(histories)
     return curves
 
 

@@ -49,8 +49,11 @@ def repo(tmp_path_factory):
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages, "plots": dvc_yaml["plots"]}, sort_keys=False))
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params.update(data={"name": "tiny", "root": "inputs/tiny", "categories": list(CATEGORIES)},
-                  run_methods=["padim"], unified_methods=[], jobs=1, n_seeds=1,
-                  methods={"padim": {"image_size": 32, "preset": "paper", "set": {"n_features": 16, "ridge": 0.01}}})
+                  run_methods=["padim", "ae_ssim"], unified_methods=[], jobs=1, n_seeds=1,
+                  methods={"padim": {"image_size": 32, "preset": "paper", "set": {"n_features": 16, "ridge": 0.01}},
+                           # a trained method, for the training curves: a few epochs of a small autoencoder
+                           "ae_ssim": {"image_size": 32, "preset": "paper",
+                                       "set": {"image_size": 32, "epochs": 3, "latent_dim": 16}}})
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     generate(repo / "inputs" / "tiny", seed=0, categories=list(CATEGORIES), n_train=8, n_test=8, size=32)
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
@@ -65,7 +68,7 @@ def repo(tmp_path_factory):
 
 def test_metric_files_are_tracked_by_git_and_shown(repo):
     tracked = _run(repo, "git", "ls-files", "results").split()
-    assert tracked == [METRIC_FILE]  # the metrics, not the predictions, maps or curves
+    assert tracked == ["results/tiny/metrics/ae_ssim.json", METRIC_FILE]  # not the predictions, maps, curves
     shown = json.loads(_run(repo, "dvc", "metrics", "show", "--json"))
     values = shown[""]["data"][METRIC_FILE]["data"]
     for category in CATEGORIES:
@@ -108,7 +111,13 @@ def test_plots_render_offline_with_every_curve(repo):
     page = (out / "index.html").read_text()
     assert "cdn.jsdelivr" not in page and "<script src=\"http" not in page  # nothing loaded from a network
     assert "vega-embed" in page or "vegaEmbed" in page
-    for kind in ("image_roc", "image_pr", "pixel_pro", "scores"):
+    for kind in ("image_roc", "image_pr", "pixel_pro", "scores", "training"):
         assert f"results/plots/tiny/{kind}.csv" in page
-    roc = (repo / "results" / "plots" / "tiny" / "image_roc.csv").read_text().splitlines()
-    assert roc[0] == "run,fpr,tpr" and len(roc) == 1 + 101 and roc[1].startswith("padim,0.0,")
+    plots = repo / "results" / "plots" / "tiny"
+    roc = (plots / "image_roc.csv").read_text().splitlines()
+    assert roc[0] == "run,fpr,tpr" and len(roc) == 1 + 2 * 101 and roc[1].startswith("padim,0.0,")
+    training = (plots / "training.csv").read_text().splitlines()
+    assert training[0] == "run,category,step,loss"
+    assert {line.split(",")[:3][0] for line in training[1:]} == {"ae_ssim"}  # PaDiM does not train
+    assert sorted(line.split(",")[1] + line.split(",")[2] for line in training[1:]) == \
+        sorted(f"{c}{k}" for c in CATEGORIES for k in (1, 2, 3))  # 3 epochs per category
