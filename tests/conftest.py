@@ -65,3 +65,13 @@ def brick_washer_loaders(synth_tensors):
         return out
 
     return make
+
+
+@pytest.fixture(scope="session")
+def root(tmp_path_factory):
+    """A small generated MVTec-layout folder (brick: 12 training, 8 test images, 64 px), read-only for tests."""
+    from vadlab.data import generate
+
+    folder = tmp_path_factory.mktemp("mvtec")
+    generate(folder, seed=1, categories=["brick"], n_train=12, n_test=8, size=64)
+    return folder

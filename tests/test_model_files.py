@@ -10,18 +10,10 @@ import pytest
 import torch
 
 from vadlab.cli import main
-from vadlab.data import generate
 from vadlab.data.mvtec import load_image
 from vadlab.methods import AnomalyMethod
 
 PADIM = ["--set", "n_features=16", "--image-size", "64"]
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mvtec")
-    generate(root, seed=1, categories=["brick"], n_train=12, n_test=8, size=64)
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -22,13 +22,6 @@ ARGS = ["--category", "brick", "--image-size", "64", "--set", "n_features=16"]
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mvtec")
-    generate(root, seed=1, categories=["brick"], n_train=12, n_test=8, size=64)
-    return root
-
-
-@pytest.fixture(scope="module")
 def finished(root, tmp_path_factory):
     """One finished evaluate run (its folder and the EvalResult rebuilt from its files)."""
     out = tmp_path_factory.mktemp("run") / "padim"

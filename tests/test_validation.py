@@ -19,13 +19,6 @@ from vadlab.methods.padim import Padim
 FAST = ["--image-size", "64", "--set", "n_features=16"]
 
 
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mvtec")
-    generate(root, seed=1, categories=["brick"], n_train=12, n_test=8, size=64)
-    return root
-
-
 @pytest.fixture
 def no_work(monkeypatch):
     """Fail the test if a method is built (the error must come before any fitting)."""
