@@ -97,3 +97,11 @@ def test_registry_presets_and_defaults():
     cfg = CFlowConfig()
     assert (cfg.coupling_blocks, cfg.clamp, cfg.condition_channels, cfg.fiber_batch, cfg.lr) == (8, 1.9, 128, 256, 2e-4)
     assert CFlowConfig.cpu_preset() == CFlowConfig(**CPU_PRESET)
+
+
+def test_training_history_records_a_falling_likelihood_loss(fitted):
+    model = fitted["brick"][0]
+    losses = [h["loss"] for h in model.history]
+    assert len(losses) == TINY["meta_epochs"] * TINY["sub_epochs"]  # one entry per sub-epoch
+    assert losses[-1] < losses[0]  # the negative log-likelihood of the training fibers falls
+    assert [h["epoch"] for h in model.history] == list(range(len(losses)))

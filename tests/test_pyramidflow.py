@@ -115,3 +115,10 @@ def test_registry_presets_and_defaults():
     cfg = PyramidFlowConfig()
     assert (cfg.channels, cfg.levels, cfg.stacks, cfg.kernel_size, cfg.batch_size, cfg.epochs) == (16, 4, 4, 7, 2, 15)
     assert PyramidFlowConfig.cpu_preset() == PyramidFlowConfig(**CPU_PRESET)
+
+
+def test_training_history_has_one_entry_per_epoch(fitted):
+    model = fitted["brick"][0]
+    losses = [h["loss"] for h in model.history]
+    assert len(losses) == TINY["epochs"] and all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0]  # the pair loss falls over training

@@ -164,7 +164,10 @@ class CFlow(AnomalyMethod):
         self.decoders.train()
         step = 0
         total = cfg.meta_epochs * cfg.sub_epochs
+        #: per sub-epoch: mean negative log-likelihood per fiber over all scales' steps (not saved)
+        self.history: list[dict[str, float]] = []
         for epoch in tqdm(range(total), desc="cflow fit", leave=False):
+            epoch_loss, epoch_steps = 0.0, 0
             # one sub-epoch: every fiber of every scale once, scales interleaved step by step as in the code
             orders = [torch.randperm(len(z), generator=gen) for z in fibers]
             n_steps = max(math.ceil(len(z) / cfg.fiber_batch) for z in fibers)
@@ -185,6 +188,8 @@ class CFlow(AnomalyMethod):
                     loss.backward()
                     optimizer.step()
                     step += 1
+                    epoch_loss, epoch_steps = epoch_loss + loss.item(), epoch_steps + 1
+            self.history.append({"epoch": epoch, "loss": epoch_loss / max(epoch_steps, 1), "lr": lr})
         self.decoders.eval()
         # training-data normalisation of the probabilities (never the test set)
         with torch.no_grad():

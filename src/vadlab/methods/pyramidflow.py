@@ -349,7 +349,10 @@ class PyramidFlow(AnomalyMethod):
         self.train_size = torch.tensor(images_all.shape[-2:])
         bs = max(2, cfg.batch_size)
         step = 0
+        #: per epoch: mean pair loss over the epoch's steps (not saved)
+        self.history: list[dict[str, float]] = []
         for epoch in tqdm(range(cfg.epochs), desc="pyramidflow fit", leave=False):
+            epoch_loss, epoch_steps = 0.0, 0
             self.flow.train()
             if self.lift is not None:
                 self.lift.train()
@@ -368,6 +371,8 @@ class PyramidFlow(AnomalyMethod):
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 optimizer.step()
                 step += 1
+                epoch_loss, epoch_steps = epoch_loss + loss.item(), epoch_steps + 1
+            self.history.append({"epoch": epoch, "loss": epoch_loss / max(epoch_steps, 1)})
             self._update_template(images_all.split(max(bs, 16)))
         self.eval()
         return self
