@@ -26,8 +26,11 @@
 # threshold in advance; it asks how well the scores **rank** defective above normal. That is why every
 # metric below is a function of the ordering of scores, and why a method may return scores on any scale.
 #
-# This "one-class" or "unsupervised" setting (MVTec AD, Bergmann et al. 2019/2021) models the factory:
-# normal parts are plentiful, defects are rare, varied and unknown in advance.
+# This "one-class" or "unsupervised" setting (MVTec AD {cite:p}`bergmann2019mvtec,bergmann2021mvtec`)
+# models the factory: normal parts are plentiful, defects are rare, varied and unknown in advance.
+# BTAD {cite:p}`mishra2021btad` and VisA {cite:p}`zou2022visa` follow the same protocol, and the
+# electroluminescence images of solar cells of ELPV {cite:p}`buerhop2018elpv,deitsch2019elpv` give a real
+# single-channel inspection task; the Results chapter ({doc}`results`) uses them where they are available.
 
 # %%
 import matplotlib.pyplot as plt
@@ -118,7 +121,7 @@ plt.show()
 # curve there is the fraction of defective scores above it; summing the strips counts the pairs. A tied
 # pair moves both rates at once: the trapezoid gives it half a strip.
 #
-# The double sum is the **Mann–Whitney $U$ statistic** of the two samples. With the midranks
+# The double sum is the **Mann–Whitney $U$ statistic** {cite:p}`mann1947test` of the two samples. With the midranks
 # $r_i$ of the defective scores in the pooled sample (ties get the average of their ranks),
 #
 # $$
@@ -223,13 +226,15 @@ print(f"random maps: mean AP {chance:.3f} (positive fraction {y_pix.mean():.3f})
 # ## PRO and AUPRO: every defect counts the same
 #
 # Pixel metrics weigh defects by their area: finding one large stain and missing five tiny scratches
-# can still give a high pixel AUROC. The **per-region overlap** (PRO, Bergmann et al. 2021) weighs each
-# connected defect region equally. Label the connected components $C_1,\dots,C_K$ of all ground-truth
-# masks (8-connectivity, never across images). At threshold $t$,
+# can still give a high pixel AUROC. The **per-region overlap** (PRO) of the MVTec AD evaluation
+# {cite:p}`bergmann2021mvtec` weighs each connected defect region equally. Label the connected components
+# $C_1,\dots,C_K$ of all ground-truth masks (8-connectivity, never across images). A pixel counts as
+# detected at threshold $t$ when its score is **at least** $t$ (the same convention as the ROC curve above,
+# and as `vadlab.metrics` and the metrics lab):
 #
 # $$
-# \mathrm{PRO}(t) = \frac{1}{K}\sum_{k=1}^{K} \frac{\#\{p \in C_k : a_p > t\}}{|C_k|}, \qquad
-# \mathrm{FPR}(t) = \frac{\#\{p \text{ normal}: a_p > t\}}{\#\{p \text{ normal}\}} .
+# \mathrm{PRO}(t) = \frac{1}{K}\sum_{k=1}^{K} \frac{\#\{p \in C_k : a_p \ge t\}}{|C_k|}, \qquad
+# \mathrm{FPR}(t) = \frac{\#\{p \text{ normal}: a_p \ge t\}}{\#\{p \text{ normal}\}} .
 # $$
 #
 # **AUPRO** is the area under $\mathrm{PRO}(\mathrm{FPR})$ for $\mathrm{FPR} \in [0, 0.3]$ divided by
@@ -250,12 +255,14 @@ amap[1, 0, 0] = 0.5  # one normal pixel is a false alarm at t < 0.5
 regions, K = ndimage.label(masks[0], structure=np.ones((3, 3)))
 print(f"{K} regions of sizes {np.bincount(regions.ravel())[1:]}")
 
-# At t = 0.75: region 1 fully covered, region 2 not at all -> PRO = (1 + 0) / 2; no normal pixel above t.
-t = 0.75
-pro_t = np.mean([(amap[0][regions == k] > t).mean() for k in (1, 2)])
+# At t = 1: region 1 fully covered (scores >= t), region 2 not at all -> PRO = (1 + 0) / 2; no normal pixel
+# reaches t.  (With ">" instead of ">=" region 1 would not count at t = 1: the convention matters at ties.)
+t = 1.0
+pro_t = np.mean([(amap[0][regions == k] >= t).mean() for k in (1, 2)])
 npt.assert_allclose(pro_t, 0.5)
+assert np.mean([(amap[0][regions == k] > t).mean() for k in (1, 2)]) == 0.0
 # whereas the pixel-level true-positive rate at the same threshold is 12 / 14
-npt.assert_allclose((amap[masks == 1] > t).mean(), 12 / 14)
+npt.assert_allclose((amap[masks == 1] >= t).mean(), 12 / 14)
 
 fpr, pro = M.pro_curve(masks, amap)
 print("PRO curve (FPR, PRO):", [(round(float(f), 4), round(float(p), 4)) for f, p in zip(fpr, pro)])
@@ -318,14 +325,24 @@ print("vadlab.metrics.aupro agrees with the brute-force definition")
 # | pixel AP | pixel | precision of the top of the pixel ranking, robust to imbalance | defect fraction |
 # | AUPRO (0.3) | region | are *all* defects found, each counted once, at low false-positive rates? | 0.15 |
 #
-# The result tables of the book report all of them; the papers mostly report image and pixel AUROC,
-# and since PatchCore and CFLOW-AD also AUPRO.
+# The result tables of the book report all of them. The methods' papers all report image and pixel
+# AUROC; PRO (up to 30 % FPR) is reported from PaDiM {cite:p}`defard2021padim` on, by PatchCore
+# {cite:p}`roth2022patchcore`, CFLOW-AD {cite:p}`gudovskiy2022cflow`, PyramidFlow {cite:p}`lei2023pyramidflow`
+# and DiAD {cite:p}`he2024diad`, with implementation differences that make their AUPROs not exactly
+# comparable (the method chapters say which). Pixel AP and F1-max come with the multi-class protocol of
+# DiAD's tables.
 #
-# ## Labs
+# ## Exercises
 #
-# 1. Predict, then check: what is the image AUROC if every score is multiplied by $-1$? If two
-#    defective scores are swapped?
-# 2. Build a map whose pixel AUROC exceeds 0.95 while its AUPRO stays below 0.3 (hint: many small
-#    missed regions).
-# 3. Shrink the defective image of the hand-made PRO example so that region 2 touches region 1
-#    diagonally. What does 8-connectivity do to $K$, and to AUPRO?
+# 1. *(conceptual)* Predict, then check: what is the image AUROC if every score is multiplied by $-1$?
+#    If two defective scores are swapped?
+# 2. *(numerical)* Build a map whose pixel AUROC exceeds 0.95 while its AUPRO stays below 0.3 (hint: many
+#    small missed regions), and verify both numbers with `vadlab.metrics`.
+# 3. *(numerical)* Shrink the defective image of the hand-made PRO example so that region 2 touches
+#    region 1 diagonally. What does 8-connectivity do to $K$, and to AUPRO?
+# 4. *(pipeline)* Smoothing the maps trades sharp borders for fewer isolated false alarms. Predict which of
+#    pixel AUROC and AUPRO moves more, then run `dvc exp run -S 'methods.padim.set.sigma=1.0'` and compare
+#    with `dvc exp show --only-changed`.
+#
+# The lab of this chapter, {download}`labs/lab_metrics.py` (see {doc}`course_labs`), has you implement
+# AUROC from ranks and AUPRO, checked against the package.

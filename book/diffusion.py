@@ -16,8 +16,9 @@
 # Reconstruction-based detectors train a generator on normal images only and hope that, shown a
 # defective image, it returns the *normal* version of it; the difference localises the defect.
 # Autoencoders reconstruct too faithfully (they copy the defect) or too blurrily (everything differs).
-# Diffusion models are much stronger generators, and **DiAD** (He et al., AAAI 2024) turns one into a
-# multi-class anomaly detector: *one* model for all categories.
+# Diffusion models {cite:p}`ho2020ddpm` are much stronger generators, and **DiAD** {cite:p}`he2024diad`
+# turns one into a multi-class anomaly detector: *one* model for all categories (the "unified" setting of
+# UniAD {cite:p}`you2022uniad`).
 #
 # This chapter builds the pieces from the ground up and checks each numerically:
 #
@@ -113,7 +114,7 @@ print(f"sqrt(alpha_bar) at t = 999: scaled linear {sd.alpha_bars[999].sqrt():.3f
 #   \tilde\mu_t = \frac{\sqrt{\bar\alpha_{t-1}}\,\beta_t}{1-\bar\alpha_t}\, x_0 + \frac{\sqrt{\alpha_t}\,(1-\bar\alpha_{t-1})}{1-\bar\alpha_t}\, x_t ,
 #   \quad \tilde\beta_t = \frac{1-\bar\alpha_{t-1}}{1-\bar\alpha_t}\beta_t .$$
 #
-# Ho et al. write $x_0 = (x_t - \sqrt{1-\bar\alpha_t}\,\varepsilon)/\sqrt{\bar\alpha_t}$ and let a
+# {cite:t}`ho2020ddpm` write $x_0 = (x_t - \sqrt{1-\bar\alpha_t}\,\varepsilon)/\sqrt{\bar\alpha_t}$ and let a
 # network $\varepsilon_\theta(x_t, t)$ predict the noise. Substituting turns $\tilde\mu_t$ into the
 # paper's eq. 2,
 #
@@ -139,7 +140,7 @@ print("DDPM step mean == posterior mean:", draws.mean(0).numpy().round(4), mu_ti
 # %% [markdown]
 # ## 3. DDIM: the same marginals, deterministically, in 10 steps
 #
-# Song et al. (2021) noticed that the training loss only involves the marginals $q(x_t \mid x_0)$,
+# {cite:t}`song2021ddim` noticed that the training loss only involves the marginals $q(x_t \mid x_0)$,
 # so any process with those marginals can use the same network. Their choice with $\eta = 0$ is
 # deterministic: predict $\hat x_0 = (x_t - \sqrt{1-\bar\alpha_t}\,\varepsilon_\theta)/\sqrt{\bar\alpha_t}$,
 # then re-noise it to the *next* step $t' < t$ with the *same* noise:
@@ -234,7 +235,7 @@ plt.show()
 # large $t$ (its figure 6: performance falls sharply below 600 steps, because large defects are not
 # erased), so it must give the denoiser the missing information another way.
 #
-# **Latent diffusion** (LDM; Rombach et al. 2022) runs the same process on the latent
+# **Latent diffusion** (LDM, {cite:t}`rombach2022ldm`) runs the same process on the latent
 # $z = \mathcal E(x)$ of a pretrained autoencoder, 8x smaller per side, which makes the U-Net
 # affordable, and conditions it on a class or text embedding $c$ through cross-attention (eq. 4).
 # A class label fixes the category but not the *instance*: the screw's orientation, the texture's
@@ -244,21 +245,30 @@ plt.show()
 # ### The semantic-guidance network
 #
 # DiAD keeps the input image as the condition. Its **SG network** is a trainable copy of the
-# denoiser's encoder half (ControlNet-style). The image $x_0$ passes a stack of conv-SiLU layers
+# denoiser's encoder half, in the manner of ControlNet {cite:p}`zhang2023controlnet`. The image $x_0$ passes a stack of conv-SiLU layers
 # $\mathcal C$ down to the latent resolution and is added to the noisy latent; the copy's middle
 # block and its last encoder stage (SGEB4) feed the denoiser's middle block and first decoder blocks
 # (eq. 7):
 #
-# $$\mathcal G = \mathcal D_{SD}\big(\mathcal M_{SD}(\mathcal E_{SD}(z_t)) + \mathcal M_{SG}(\mathcal E_{SG}(z_t + \mathcal C(x_0)))\big) + \mathcal D_{SG}(\dots).$$
+# $$\mathcal G = \mathcal D_{SD}\Big(\mathcal M_{SD}\big(\mathcal E_{SD}(z_t)\big) + \mathcal M_{SG}\big(\mathcal E_{SG}(z_t + \mathcal C(x_0))\big)\Big)
+#   + \mathcal D_{SG_j}\Big(\mathcal M_{SG}\big(\mathcal E_{SG}(z_t + \mathcal C(x_0))\big)\Big),$$
+#
+# where $\mathcal E_{SD}, \mathcal M_{SD}, \mathcal D_{SD}$ are the denoiser's encoder blocks, middle block
+# and decoder blocks, $\mathcal E_{SG}, \mathcal M_{SG}$ the SG network's copies of the first two, and
+# $\mathcal D_{SG_j}$ the SG decoder blocks whose outputs are added to the denoiser's $j$-th decoder block.
+# The first term is the denoiser with the SG middle block added to its own; the second adds the SG
+# encoder's skip features to the decoder. (The paper's typeset equation writes $\mathcal E_{SD}$ inside
+# the SG branch and $z$ for the noisy latent; its text defines that branch as the SG encoder applied to
+# $z_t + \mathcal C(x_0)$, which is what is written here.)
 #
 # Every connection goes through a **zero-initialised** 1x1 convolution, so at the start of training
 # the guided denoiser *is* the pretrained one (we check this in the tests) and the guidance grows
 # from zero. The **SFF block** adds, to each output $P_i$ of the lowest-scale stage SGEB4, the
 # fused outputs $H_j$ of the stage above, $Q_i = P_i + \sum_j \mathcal F(H_j)$, with $\mathcal F$ a
 # stride-2 3x3 convolution, InstanceNorm and SiLU (eq. 8): instance rather than batch normalisation
-# because a multi-class batch mixes very different statistics (table 7: 96.7 -> 97.2 image AUROC).
-# The paper's ablation (table 7, MVTec AD, image/pixel AUROC): SD alone (= LDM) 79.3 / 89.5;
-# + middle-block guidance 95.1 / 91.1; + SGEB4 with SFF and IN+SiLU 97.2 / 96.8.
+# because a multi-class batch mixes very different statistics (table 7 ablates BN+ReLU against
+# IN+SiLU). The paper's ablation (table 7, MVTec AD, image/pixel AUROC): SD alone (= LDM) 79.3 / 89.5;
+# + middle-block guidance 95.1 / 91.1; the full DiAD 97.2 / 96.8.
 #
 # ### A small experiment
 #
@@ -460,21 +470,54 @@ for name, cfg in (("small default", DiADConfig()), ("paper widths", DiADConfig.p
 #   that the reconstruction is never better than $\mathcal D(\mathcal E(x))$ (with 400 autoencoder
 #   steps the reconstructions were mean-coloured blurs). Even so, at 64 px the small DiAD stays
 #   weak under the unified protocol: the pipeline's images are a quarter of the paper's 256 px. Scoring
-#   at the paper's resolution (section 5) mostly improves the maps; in one measurement (the preset's
-#   unified run, seed 0, one thread: `vadlab.evaluate.run_unified("diad", "build/synthetic", <six
-#   categories>, image_size=64, overrides=preset_overrides("diad", "cpu"))`, the same fitted model
-#   scored both ways) the mean image AUROC / pixel AUROC / AUPRO went from 0.56 / 0.61 / 0.28 with
-#   the backbone at 64 px (`score_size=None`) to 0.61 / 0.77 / 0.55 at 256 px. The Results chapter
-#   shows the pipeline's run next to PaDiM and PatchCore;
+#   at the paper's resolution (section 5) is what lets a defect span several feature cells; exercise 4
+#   below measures what it changes. The Results chapter ({doc}`results`) shows the pipeline's run next
+#   to PaDiM and PatchCore;
 # - the official code picks its checkpoint on the test set and flips AUROCs below 0.5; we do neither.
 #
 # %%
 print("small-CPU preset (overrides of DiADConfig()):", CPU_PRESET)
 
 # %% [markdown]
-# Published results (multi-class, one model for all 15 MVTec AD categories): image AUROC / AP /
-# F1-max 97.2 / 99.0 / 96.5, pixel AUROC / AP / F1-max 96.8 / 52.6 / 55.5, AUPRO 90.7; VisA 86.8
-# image AUROC, 96.0 pixel AUROC.
+# Published results {cite:p}`he2024diad` (multi-class, one model for all 15 MVTec AD categories): image
+# AUROC / AP / F1-max 97.2 / 99.0 / 96.5 (Table 1), pixel AUROC / AP / F1-max 96.8 / 52.6 / 55.5 (Table 3),
+# AUPRO 90.7 (Table 4); on VisA {cite:p}`zou2022visa` 86.8 image AUROC, 96.0 pixel AUROC, 75.2 PRO
+# (Table 2).
 #
-# Results on the generated dataset: see the Results chapter, where DiAD runs under the **unified**
+# Results on the generated dataset: see the Results chapter, {doc}`results`, where DiAD runs under the **unified**
 # protocol (one model for all six categories) next to unified PaDiM and PatchCore.
+
+# %% [markdown]
+# ## Summary
+#
+# - A diffusion model learns to undo Gaussian noising by **predicting the noise**; the forward process
+#   has a closed form $q(x_t \mid x_0)$, and DDIM reuses the same network for a deterministic 10-step
+#   sampler.
+# - As an anomaly detector, a diffusion model noises the test image and denoises it into a *normal*
+#   version; the noising step trades erasing the defect against losing the image: plain diffusion loses
+#   the category, latent diffusion with a class condition loses the instance.
+# - **DiAD** conditions the denoiser on the input image itself through a semantic-guidance network
+#   (zero-initialised, ControlNet-style, with SFF), so one model reconstructs every category; the map
+#   compares input and reconstruction in a pretrained network's features.
+# - It is the most expensive method of the book (three training stages, ten denoiser passes per test
+#   image) and the only one here designed for the multi-class protocol.
+#
+# ## Exercises
+#
+# 1. *(numerical)* For DiAD's scaled-linear schedule of section 1 (`sd`, $T = 1000$), at which step $t$ does
+#    $\sqrt{\bar\alpha_t}$, the weight of the image in $x_t$, fall below 0.5? Below 0.1? Check with
+#    `NoiseSchedule`.
+# 2. *(conceptual)* Why does DiAD start denoising at a large $t$ even though the 1-D experiment of
+#    section 4 shows that plain diffusion then loses the category? What does the SG network supply that
+#    the noisy latent no longer contains?
+# 3. *(numerical)* Run DDIM on the 1-D mixture of section 4 with 1, 5, 10 and 50 steps from $t = 600$ and
+#    plot the switch rate: compare the trend with the paper's Table 10 (1 step 66.1 image AUROC, 10 steps
+#    97.2).
+# 4. *(pipeline)* Run `dvc exp run -S '+methods.diad.set.score_size=null'` (the backbone sees the 64 px
+#    images as they are) and compare the unified DiAD rows with the committed run in
+#    `dvc exp show --only-changed`.
+# 5. *(pipeline)* Run `dvc exp run -S '+methods.diad.set.noise_step=500'`: do defects survive the
+#    reconstruction, as figure 6 of the paper predicts?
+#
+# The lab of this chapter, {download}`labs/lab_diad.py` (see {doc}`course_labs`), has you implement one
+# DDIM step.

@@ -16,16 +16,17 @@
 # Pixel errors are a poor proxy for what a person calls a defect.  Both methods of this chapter
 # compare images in the **feature spaces** of a network pretrained on ImageNet:
 #
-# - **FAVAE** (`vadlab.methods.favae`) is a variational autoencoder whose decoder must reproduce not
+# - **FAVAE** {cite:p}`dehaene2020favae` (`vadlab.methods.favae`) is a variational autoencoder
+#   {cite:p}`kingma2014vae` whose decoder must reproduce not
 #   only the pixels but also the frozen network's activations at three depths (through small 1x1
 #   adapters).  Its anomaly map adds the pixel error to the upsampled feature errors.
-# - **MKD** (`vadlab.methods.mkd`) drops the image reconstruction altogether: a small *student* learns
+# - **MKD** {cite:p}`salehi2021mkd` (`vadlab.methods.mkd`) drops the image reconstruction altogether: a small *student* learns
 #   to imitate a frozen *teacher* at four depths on normal images; where the two disagree, the image
 #   is unlike the training set.  Its score is the distillation loss, and its map is the gradient of
 #   that loss with respect to the input.
 #
-# Both papers use VGG16; we use the offline EfficientNet-Lite0 by default (same strides) and VGG16
-# with `backbone="vgg16"` when its weights are available.
+# Both papers use VGG16 {cite:p}`simonyan2015vgg`; we use the offline EfficientNet-Lite0 by default
+# (same strides) and VGG16 with `backbone="vgg16"` when its weights are available.
 
 # %%
 import math
@@ -33,7 +34,7 @@ import tempfile
 
 import matplotlib.pyplot as plt
 import torch
-import torch.nn.functional as F
+from torch import nn
 
 from vadlab.methods.favae import kl_divergence
 from vadlab.methods.mkd import MKD
@@ -98,20 +99,39 @@ print(f"log p(x) = {log_evidence:.6f},  ELBO at the posterior = {elbo(post_m, po
 # that outputs $2T$ has zero direction loss) while the value loss does not; the value loss alone is
 # dominated by the few large activations, while the direction loss weighs the pattern as a whole.
 
-# %%
-T = torch.randn(4, 24, 8, 8)
-direction = lambda c, t: 1 - F.cosine_similarity(c.flatten(1), t.flatten(1))  # noqa: E731
-value = lambda c, t: (c - t).pow(2).flatten(1).mean(1)  # noqa: E731
-assert torch.allclose(direction(2 * T, T), torch.zeros(4), atol=1e-6)  # scale-blind
-assert torch.allclose(value(2 * T, T), T.pow(2).flatten(1).mean(1))  # scale-aware
-assert torch.allclose(direction(-T, T), torch.full((4,), 2.0))  # opposite direction: maximal
+# The check runs the package's own `MKD.layer_losses` with a stand-in student whose outputs we know: the
+# teacher's maps scaled by a factor $a$.  Then the direction loss is $0$ for $a > 0$ and $2$ for $a < 0$,
+# and the value loss is $(a - 1)^2 \cdot \mathrm{mean}(T_l^2)$, on every layer.
 
-# the method's loss is exactly this sum over its four layers
+# %%
 model = MKD(image_size=64)
 x_img = torch.rand(2, 3, 64, 64)
-teacher, student = model.teacher(x_img), model.student(model.backbone.normalize(x_img))
-manual = sum(direction(c, t) + 0.5 * value(c, t) for c, t in zip(student, teacher))
-torch.testing.assert_close(model.loss_per_image(x_img), manual)
+teacher = model.teacher(x_img)
+trained_student = model.student
+
+
+class ScaledTeacher(nn.Module):
+    # a stand-in student: returns the teacher's maps of the batch times a fixed factor
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, normalized_images: torch.Tensor) -> list[torch.Tensor]:
+        return [self.factor * t for t in teacher]
+
+
+for factor, expected_direction in ((2.0, 0.0), (0.5, 0.0), (-1.0, 2.0)):
+    model.student = ScaledTeacher(factor)
+    values, directions = model.layer_losses(x_img)
+    for v, d, t in zip(values, directions, teacher):
+        torch.testing.assert_close(d, torch.full_like(d, expected_direction), atol=1e-5, rtol=0)  # scale-blind
+        torch.testing.assert_close(v, (factor - 1) ** 2 * t.pow(2).flatten(1).mean(1))  # scale-aware
+    # the image loss is the sum over layers of direction + lambda * value
+    torch.testing.assert_close(model.loss_per_image(x_img),
+                               sum(directions) + model.config.lamda * sum(values))
+model.student = trained_student
+assert model.config.lamda == 0.5
 print("teacher layers:", [tuple(t.shape[1:]) for t in teacher])
 
 # %% [markdown]
@@ -162,20 +182,53 @@ plt.tight_layout()
 plt.show()
 
 # %% [markdown]
-# Results on the generated dataset: see the Results chapter.
+# Results on the generated dataset: see the Results chapter, {doc}`results`.
 #
 # ## Published numbers and our departures
 #
-# - **FAVAE**: pixel AUROC 95.3 on MVTec AD (the paper's value as listed on paperswithcode); the
-#   paper's image-level numbers were not retrievable.  There is no official code; defaults follow an
+# - **FAVAE** {cite:p}`dehaene2020favae`: pixel AUROC 95.3 on MVTec AD (the paper's value as listed on
+#   Papers with Code); no image-level number of the paper is quoted here.  There is no official code; defaults follow an
 #   unofficial implementation (128 px, latent 100, Adam 5e-3, 100 epochs, VGG16 conv2_2/3_3/4_3).
 #   Our departures: EfficientNet-Lite0 blocks 0-2 (strides 2, 4, 8) by default; with VGG16 we take
 #   timm's feature points after the ReLU of those convolutions (the unofficial code hooks them before
 #   it) on ImageNet-normalised input; no validation early stopping, no test-set min-max.
-# - **MKD**: image AUROC about 87.7 and pixel AUROC about 90.7 on MVTec AD (from memory of the paper,
-#   unverified; an aggregator lists 86.1 image AUROC).  The official code scores on pool3-pool5 only,
+# - **MKD** {cite:p}`salehi2021mkd`: trained as one model for all 15 MVTec AD categories, image AUROC
+#   81.9 and pixel AUROC 84.9 (the multi-class re-run of {cite:t}`he2024diad`, Tables 1 and 3); the
+#   per-category numbers of the MKD paper are not quoted here because they could not be checked against
+#   its text.  The official code scores on pool3-pool5 only,
 #   uses guided back-propagation and normalises each map to [0, 1] per image; we score with the loss
 #   over all distilled layers (the paper's definition), use vanilla gradients (one of the paper's
 #   options) and keep maps un-normalised so that they compare across images.  Its localisation numbers
 #   were computed on defective images only with the repository's own threshold curve, so they are not
 #   directly comparable with a standard pixel AUROC.
+#
+# ## Summary
+#
+# - Both methods compare an image with what a model of normal images makes of it **in the feature spaces
+#   of a pretrained network**, where differences are closer to what a person calls a defect than pixel
+#   differences are.
+# - **FAVAE** is a VAE trained on the negative ELBO plus feature-matching terms; its map adds the pixel
+#   error to the feature errors at three depths.
+# - **MKD** trains a small student to imitate a frozen teacher at several depths (direction and value
+#   losses); the student only learns the teacher on normal images, so the loss is the image score and its
+#   input gradient the map.
+# - Both need a pretrained network and a training run, neither needs aligned images; MKD's gradient map
+#   costs a backward pass per image.
+#
+# ## Exercises
+#
+# 1. *(numerical)* In the Gaussian toy model of the first section, compute the ELBO gap for
+#    $q = N(0, 1)$ (the prior) by hand and check it against the cell's `elbo`.
+# 2. *(conceptual)* The direction loss is blind to the scale of the student's activations (the check
+#    above). What kind of defect could a student with only a direction loss miss, and how does the value
+#    loss help?
+# 3. *(numerical)* Score a defective test image with the small MKD model of the gradient section using
+#    both localizations (`"gradient"` and `"discrepancy"`) and compare their pixel AUROC on that image
+#    with `vadlab.metrics.pixel_auroc`.
+# 4. *(pipeline)* Run `dvc exp run -S '+methods.mkd.set.lamda=0.0'` (direction loss only) and compare with
+#    the committed run in `dvc exp show --only-changed`.
+# 5. *(pipeline)* Run `dvc exp run -S '+methods.favae.set.kl_weight=0.1'`: a weaker prior lets the VAE
+#    reconstruct more detail. Does the pixel AUROC go up (sharper normal reconstructions) or down
+#    (defects copied too)?
+#
+# This chapter has no lab yet ({doc}`course_labs` lists the labs).

@@ -18,7 +18,7 @@
 # forget defects also forgets the legitimate *diversity* of normal images — a screw a few degrees
 # rotated, a washer shifted, a digit written with a slant — and flags it.
 #
-# DMAD (Liu et al., CVPR 2023) resolves this by **splitting what the reconstruction has to explain
+# DMAD {cite:p}`liu2023dmad` resolves this by **splitting what the reconstruction has to explain
 # into two measured parts**:
 #
 # 1. an **information-compression** path that can only draw *prototypes*: an encoder $f$, a vector
@@ -50,7 +50,8 @@ torch.manual_seed(0)
 # ## Vector quantisation and the straight-through estimator
 #
 # Given a feature cube $z^e = f(x) \in \mathbb{R}^{D\times H'\times W'}$ and a memory
-# $z = (z_1,\dots,z_N)$, every position is replaced by its nearest item,
+# $z = (z_1,\dots,z_N)$, every position is replaced by its nearest item (the VQ layer of VQ-VAE
+# {cite:p}`vandenoord2017vqvae`),
 #
 # $$z^q_{h,w} = z_{n^*}, \qquad n^* = \arg\min_n \lVert z^e_{h,w} - z_n \rVert_2 .$$
 #
@@ -97,8 +98,11 @@ print("chosen items per position:\n", out.indices[0].numpy())
 #
 # $$ (I \odot O)(p) = I\big(p + O(p)\big). $$
 #
-# Bilinear interpolation is piecewise linear in the sampling position, so the warp is
-# differentiable in $O$ as well as in $I$ — this is what lets a network learn fields.  Two warps
+# Bilinear interpolation is **piecewise bilinear** in the sampling position: inside each cell of four
+# pixels it is $a + b\,u + c\,v + d\,uv$ in the fractional offsets $(u, v)$, linear along each axis but
+# not jointly, with kinks on the pixel grid lines. So the warp is differentiable in $O$ (almost
+# everywhere) as well as in $I$, which is what lets a network learn fields; the same sampler is the one of
+# spatial transformer networks {cite:p}`jaderberg2015stn`.  Two warps
 # compose as $(I\odot a)\odot b = I \odot (b + a\odot b)$, and a field $O^T$ undoes $O$ when
 # $(I\odot O)\odot O^T = I$.
 #
@@ -185,7 +189,7 @@ plt.show()
 #
 # ### Where this implementation departs from the paper and the official code
 #
-# * The official MVTec code ("PPDM") is built on **reverse distillation**: a frozen WRN-50 encoder,
+# * The official MVTec code ("PPDM") is built on **reverse distillation** {cite:p}`deng2022rd4ad`: a frozen WRN-50 encoder,
 #   VQ on its layer-3 features (200 items of 1024-d), a reverse WRN-50 decoder, cosine feature
 #   distances, and no background template.  We implement the seed paper's **sample-space**
 #   formulation: small CNNs $f$, $g$, $h$ trained from scratch (with group normalisation, which
@@ -295,11 +299,43 @@ plt.show()
 # %% [markdown]
 # ## Results
 #
-# Published: MVTec AD image AUROC 99.5 (pixel AUROC 98.2 or 97.9, sources conflict) for the official
-# PPDM code, with the test-set selection described above; an independent reproduction of the
-# default configuration reached 98.2 image AUROC.  Video: UCSD Ped2 99.7, Avenue 92.8,
-# ShanghaiTech 78.8 frame AUC.  The paper uses MNIST only for illustrations; our one-class digits
+# Published {cite:p}`liu2023dmad`: MVTec AD image AUROC 99.5 for the official PPDM code (as listed by
+# aggregators of the paper's results; they disagree on the pixel AUROC, which is therefore not quoted),
+# with the test-set selection described above; a user's re-run of the default configuration, reported in
+# the official repository's issue tracker (`FlappyPeggy/DMAD`, issue 6), reached 98.2 image AUROC.
+# Video: UCSD Ped2 99.7, Avenue 92.8, ShanghaiTech 78.8 frame AUC.  The paper uses MNIST only for illustrations; our one-class digits
 # protocol (`vadlab.evaluate_digits.run_digits("dmad", overrides=DIGITS_PRESET)`) trains on one digit of
 # scikit-learn's 8x8 digits and scores all test digits.
 #
-# Results on the generated dataset and on the digits protocol: see the Results chapter.
+# Results on the generated dataset and on the digits protocol: see the Results chapter, {doc}`results`.
+#
+# ## Summary
+#
+# - DMAD splits what a reconstruction must explain into a **prototype** (an encoder, a vector quantiser
+#   with $N$ memory items and a decoder: it can only draw typical normal images) and a **deformation**
+#   (smooth, bounded, coarse-to-fine offset fields that bend the prototype onto the input).
+# - Both parts are measured at test time: $A_{rec}$, what the deformed prototype still fails to explain
+#   (a scratch, a stain), and $A_{df}$, how much deformation was needed (a bent or misplaced part).
+# - The vector quantiser is trained through the straight-through estimator; the warp is differentiable
+#   because bilinear sampling is piecewise bilinear in the offsets. PDM+ adds inverse fields and a cycle
+#   loss so that maps are drawn in the input's frame.
+# - DMAD tolerates pose changes that break aligned methods such as PaDiM, at the price of a training run
+#   and of a deformation budget to tune (the offset bounds and the weight $\alpha$ of $A_{df}$).
+#
+# ## Exercises
+#
+# 1. *(numerical)* Warp the astronaut image by a translation of $(2.5, 0)$ pixels and back by
+#    $(-2.5, 0)$. Why is the cycle error no longer $\approx 0$, unlike the integer translation of the
+#    grid-sampling section? Compute it.
+# 2. *(conceptual)* A rotated screw and a screw with a chipped thread: which of $A_{rec}$ and $A_{df}$
+#    should light up for each, and what happens to the first if the offset bounds are too small?
+# 3. *(numerical)* With a codebook of $N$ items and a $H' \times W'$ latent grid, how many different
+#    prototypes can the decoder draw at most? Compute it for the CPU preset (`vadlab.methods.dmad.CPU_PRESET`).
+# 4. *(pipeline)* Run `dvc exp run -S '+methods.dmad.set.n_memory=4'` and compare with the committed run in
+#    `dvc exp show --only-changed`: does a smaller memory push more of the normal variation into the
+#    deformation?
+# 5. *(pipeline)* Run `dvc exp run -S '+methods.dmad_plus.set.alpha=0.0'` (no deformation term in the
+#    score) and read the geometric categories' rows: how much of PDM+'s image AUROC comes from $A_{df}$?
+#
+# The lab of this chapter, {download}`labs/lab_dmad.py` (see {doc}`course_labs`), has you implement vector
+# quantisation with the straight-through gradient.

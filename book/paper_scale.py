@@ -13,8 +13,9 @@
 # %% [markdown]
 # # Paper scale: MVTec AD, BTAD and VisA
 #
-# The results chapter runs every method on the generated dataset with small-CPU presets. With the real
-# data and a GPU, the same pipeline runs the papers' configurations: one params set per dataset in
+# The results chapter ({doc}`results`) runs every method on the generated dataset with small-CPU presets.
+# With the real data (MVTec AD {cite:p}`bergmann2019mvtec`, BTAD {cite:p}`mishra2021btad`, VisA
+# {cite:p}`zou2022visa`) and a GPU, the same pipeline runs the papers' configurations: one params set per dataset in
 # `configs/` (`mvtec.yaml`, `btad.yaml`, `visa.yaml`) names the dataset, its download, and for every
 # method the paper's backbone, layers, input size and training length (`preset: paper` plus the
 # backbone the paper used where vadlab's default is the offline EfficientNet-Lite0), with
@@ -37,6 +38,7 @@
 # filled from `results/<dataset>/metrics/` once that configuration has run.
 
 # %%
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -89,58 +91,59 @@ settings_table[settings_table.dataset == "mvtec"].drop(columns="dataset").set_in
 #
 # ## Published numbers and your reproduction
 #
-# Means over the dataset's categories, in percent, as the papers (or the sources named) report them.
-# "Caveat" says where a number depends on choices a faithful rerun does not make: test-set checkpoint
+# Means over the dataset's categories, in percent, as the papers (or the sources named) report them;
+# the "key" column is the citation key of the source in the References page ({doc}`bibliography`).
+# Only numbers checked against the paper's text or the official repository are listed. "Caveat" says where a number depends on choices a faithful rerun does not make: test-set checkpoint
 # selection, a different subset of categories, a different AUPRO, a multi-class model. A dash: not
 # reported. The "yours" columns read `results/<dataset>/metrics/<run>.json` (or `unified-<run>.json`),
 # the same files the results chapter reads for the generated dataset.
 
 # %%
 NA = float("nan")
-# dataset, run, protocol, image AUROC, pixel AUROC, AUPRO, source, caveat
+# dataset, run, protocol, image AUROC, pixel AUROC, AUPRO, citation key, source (where in it), caveat
 PUBLISHED = [
-    ("mvtec", "padim", "per-category", 95.3, 97.5, 92.1, "PaDiM paper, WRN-50 Rd550 (as tabulated by PatchCore)",
-     "256 -> 224 centre crop; the 97.9 image AUROC with per-class backbones is not reproducible"),
-    ("mvtec", "semi_orthogonal", "per-category", NA, 98.2, 94.2, "orthoad README, WRN-50 k = 300",
+    ("mvtec", "padim", "per-category", 95.3, 97.5, 92.1, "defard2021padim",
+     "PaDiM paper, WRN-50 Rd550 (as tabulated by PatchCore)",
+     "256 -> 224 centre crop; PatchCore's re-run gives 95.4 / 97.3 / 91.8"),
+    ("mvtec", "semi_orthogonal", "per-category", NA, 98.2, 94.2, "kim2021semiorthogonal",
+     "official README (jnhwkim/orthoad), WRN-50 k = 300",
      "image AUROC not reported; 10 % of train held out; 256 px crop"),
-    ("mvtec", "patchcore", "per-category", 99.0, 98.1, 93.5, "PatchCore paper, WRN-50, 10 % coreset",
-     "224 centre crop; the official code's README gives 99.2 / 98.1 / 94.4"),
-    ("mvtec", "cflow", "per-category", 98.26, 98.62, 94.60, "CFLOW-AD paper (Papers with Code)",
+    ("mvtec", "patchcore", "per-category", 99.0, 98.1, 93.5, "roth2022patchcore", "PatchCore paper, WRN-50, 10 % coreset",
+     "224 centre crop; the official code's README (amazon-science/patchcore-inspection) gives 99.2 / 98.1 / 94.4"),
+    ("mvtec", "cflow", "per-category", 98.26, 98.62, 94.60, "gudovskiy2022cflow",
+     "CFLOW-AD paper (as listed by Papers with Code)",
      "per-class input 128/256/512 px; best epoch chosen on the test set; approximate AUPRO (1000 thresholds)"),
-    ("mvtec", "pyramidflow", "per-category", NA, 96.0, 94.5, "PyramidFlow Table 3, fully-NF baseline",
+    ("mvtec", "pyramidflow", "per-category", NA, 96.0, 94.5, "lei2023pyramidflow", "PyramidFlow Table 3, fully-NF baseline",
      "mean over 12 categories (no grid, metal_nut, screw); AUPRO without the 0.3 FPR cut-off; test-set "
      "checkpoint; the ResNet-18 variant reports 97.1 / 96.5"),
-    ("mvtec", "ae_ssim", "per-category", NA, 84.5, 67.3, "PyramidFlow Table 3 (AE-SSIM row)",
+    ("mvtec", "ae_ssim", "per-category", NA, 84.5, 67.3, "lei2023pyramidflow", "PyramidFlow Table 3 (AE-SSIM row)",
      "same 12 categories and AUPRO as the PyramidFlow row"),
-    ("mvtec", "riad", "per-category", 91.7, 94.2, NA, "DRAEM Table 2 (pixel; pixel AP 48.2); DSR Table 3 (image)",
-     "image AUROC attribution likely, not verified"),
-    ("mvtec", "favae", "per-category", NA, 95.3, NA, "Papers with Code ('results from the paper')",
-     "only pixel AUROC retrievable"),
-    ("mvtec", "mkd", "per-category", 87.7, 90.7, NA, "MKD paper as recalled (an aggregator lists 86.1 image)",
-     "localisation AUROC over anomalous images only, with its own thresholds and morphology: not the "
-     "standard pixel AUROC"),
-    ("mvtec", "dmad_plus", "per-category", 99.5, 98.2, NA, "aggregators for DMAD (PPDM, the PDM+ model on MVTec)",
-     "the code reports the max of two test evaluations; pixel 97.9 on another aggregator; a re-run of the "
-     "default config gave 98.2 image AUROC (issue #6)"),
-    ("mvtec", "diad", "unified", 97.2, 96.8, 90.7, "DiAD Tables 1, 3, 4 (image AP 99.0, pixel AP 52.6)",
+    ("mvtec", "riad", "per-category", NA, 94.2, NA, "zavrtanik2021draem", "DRAEM Table 2 (RIAD row; pixel AP 48.2)",
+     "no image AUROC quoted: none could be checked against the RIAD paper's text"),
+    ("mvtec", "favae", "per-category", NA, 95.3, NA, "dehaene2020favae", "Papers with Code ('results from the paper')",
+     "only the pixel AUROC is quoted"),
+    ("mvtec", "dmad_plus", "per-category", 99.5, NA, NA, "liu2023dmad",
+     "aggregators of the DMAD paper's results (PPDM, the PDM+ model on MVTec AD)",
+     "the code reports the max of two test evaluations; the aggregators disagree on pixel AUROC; a re-run of "
+     "the default config reported in FlappyPeggy/DMAD issue 6 reached 98.2 image AUROC"),
+    ("mvtec", "diad", "unified", 97.2, 96.8, 90.7, "he2024diad", "DiAD Tables 1, 3, 4 (image AP 99.0, pixel AP 52.6)",
      "multi-class; checkpoint chosen on the test set; the code flips AUROCs below 0.5"),
-    ("mvtec", "padim", "unified", 84.2, 89.5, NA, "DiAD Tables 1, 3 (PaDiM trained multi-class)",
+    ("mvtec", "padim", "unified", 84.2, 89.5, NA, "he2024diad", "DiAD Tables 1, 3 (PaDiM trained multi-class)",
      "multi-class re-run by DiAD's authors"),
-    ("btad", "padim", "per-category", 93.7, 97.3, NA, "PyramidFlow Table 4", "re-run by PyramidFlow's authors"),
-    ("btad", "patchcore", "per-category", 90.0, 96.5, NA, "PyramidFlow Table 4", "re-run by PyramidFlow's authors"),
-    ("btad", "pyramidflow", "per-category", 95.8, 97.7, NA, "PyramidFlow Table 4, ResNet-18 variant",
+    ("btad", "padim", "per-category", 93.7, 97.3, NA, "lei2023pyramidflow", "PyramidFlow Table 4",
+     "re-run by PyramidFlow's authors"),
+    ("btad", "patchcore", "per-category", 90.0, 96.5, NA, "lei2023pyramidflow", "PyramidFlow Table 4",
+     "re-run by PyramidFlow's authors"),
+    ("btad", "pyramidflow", "per-category", 95.8, 97.7, NA, "lei2023pyramidflow", "PyramidFlow Table 4, ResNet-18 variant",
      "pretrained ResNet-18 encoder; the set runs the fully-NF baseline; test-set checkpoint"),
-    ("visa", "diad", "unified", 86.8, 96.0, 75.2, "DiAD Table 2 (image AP 88.3, pixel AP 26.1)",
+    ("visa", "diad", "unified", 86.8, 96.0, 75.2, "he2024diad", "DiAD Table 2 (image AP 88.3, pixel AP 26.1)",
      "multi-class; checkpoint chosen on the test set"),
-    ("visa", "padim", "per-category", 89.1, NA, NA, "aggregator, from a later benchmark (not the PaDiM paper)",
-     "benchmark protocol not checked"),
-    ("visa", "cflow", "per-category", 91.5, NA, NA, "Papers with Code, from a later benchmark",
-     "benchmark protocol not checked"),
-    ("visa", "favae", "per-category", NA, NA, 67.9, "Papers with Code, from a later benchmark",
-     "benchmark protocol not checked"),
 ]
 published = pd.DataFrame(PUBLISHED, columns=["dataset", "run", "protocol", "image AUROC", "pixel AUROC", "AUPRO",
-                                             "source", "caveat"])
+                                             "key", "source", "caveat"])
+# every source is an entry of the book's bibliography
+bib_keys = set(re.findall(r"^@\w+\{([^,]+),", (Path("references.bib")).read_text(), flags=re.M))
+assert set(published.key) <= bib_keys, set(published.key) - bib_keys
 for dataset, run, protocol in published[["dataset", "run", "protocol"]].itertuples(index=False):
     config = CONFIGS[dataset]  # every published row has a run in that dataset's params set
     assert run in (config["run_methods"] if protocol == "per-category" else config["unified_methods"]), (dataset, run)
@@ -171,7 +174,7 @@ display(Markdown("Finished paper-scale runs found for: " + (", ".join(ran) if ra
 def show(dataset: str):
     """The published-vs-yours table of one dataset."""
     columns = ["run", "protocol", "image AUROC", "yours: image AUROC", "pixel AUROC", "yours: pixel AUROC",
-               "AUPRO", "yours: AUPRO", "yours: px", "source", "caveat"]
+               "AUPRO", "yours: AUPRO", "yours: px", "key", "source", "caveat"]
     return (table[table.dataset == dataset][columns].set_index(["run", "protocol"])
             .style.format(precision=1, na_rep="–"))
 
@@ -185,7 +188,7 @@ show("mvtec")
 # %% [markdown]
 # ### BTAD
 #
-# PyramidFlow's Table 4 gives the per-product numbers behind these means (image / pixel AUROC):
+# PyramidFlow's Table 4 {cite:p}`lei2023pyramidflow` gives the per-product numbers behind these means (image / pixel AUROC):
 # PaDiM 99.8 / 97.0, 82.0 / 96.0, 99.4 / 98.8; PatchCore 90.9 / 95.5, 79.3 / 94.7, 99.8 / 99.3;
 # PyramidFlow 100.0 / 97.4, 88.2 / 97.6, 99.3 / 98.1 for products 01, 02, 03.
 
@@ -202,9 +205,10 @@ show("btad")
 # %% [markdown]
 # ### VisA
 #
-# The only VisA numbers in the seed papers are DiAD's (multi-class, its Tables 2, 12, 13); the
-# per-category rows come from later benchmarks that the methods' authors did not run, so their
-# protocol (resolution, crop, split) is not known to match the official one-class split used here.
+# The only VisA numbers in the methods' papers are DiAD's {cite:p}`he2024diad` (multi-class, its Table 2).
+# Per-category VisA numbers for the other methods exist only in later benchmarks whose protocol
+# (resolution, crop, split) is not known to match the official one-class split used here, so none are
+# listed; the "yours" columns fill in from your own runs.
 
 # %%
 show("visa")
@@ -213,4 +217,4 @@ show("visa")
 # Reading the comparison: a gap of a point or two is within what the papers' own choices explain (crop,
 # per-class sizes, test-set checkpoints, seeds); rows marked multi-class compare with the `unified`
 # protocol only; and pixel AUROC is close to saturation on MVTec AD, so AUPRO and pixel AP (in the
-# results chapter's per-category tables) separate the methods better.
+# results chapter's per-category tables, {doc}`results`) separate the methods better.

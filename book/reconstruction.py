@@ -18,9 +18,9 @@
 # image $x$ and its reconstruction $\hat x$.  Two questions decide whether this works:
 #
 # 1. **Which distance?**  A per-pixel squared error $\|x - \hat x\|^2$ punishes every slightly blurred
-#    edge of a texture, and an autoencoder's output is always a little blurred.  Bergmann et al. (2019)
-#    proposed the structural similarity SSIM instead (**AE-SSIM**, `vadlab.methods.ae_ssim`), and RIAD
-#    the gradient-magnitude similarity GMS.
+#    edge of a texture, and an autoencoder's output is always a little blurred.  {cite:t}`bergmann2019aessim`
+#    proposed the structural similarity SSIM {cite:p}`wang2004ssim` instead (**AE-SSIM**,
+#    `vadlab.methods.ae_ssim`), and RIAD {cite:p}`zavrtanik2021riad` the gradient-magnitude similarity GMS.
 # 2. **Does the network reconstruct too well?**  An autoencoder that sees the defect in its input can
 #    copy it to its output: it *generalises* to the anomaly, and the error is small exactly where it
 #    should be large.  The bottleneck only fights this indirectly.  **RIAD** (`vadlab.methods.riad`)
@@ -88,7 +88,7 @@ print(f"ours {float(ssim(x, y)[0]):.6f}   scikit-image {ref:.6f}")
 #
 # $$\mathrm{GMS}(I, I_r) = \frac{2\,g(I)\,g(I_r) + c}{g(I)^2 + g(I_r)^2 + c}, \qquad c = 0.0026 .$$
 #
-# ($c = 170/255^2$ is GMSD's constant for images in [0, 1].)  **Known answer:** a horizontal ramp of
+# ($c = 170/255^2$ is the constant of GMSD {cite:p}`xue2014gmsd` for images in [0, 1].)  **Known answer:** a horizontal ramp of
 # step $\delta$ has $g = 2\delta$ everywhere inside (the central difference spans two steps), a flat
 # image has $g = 0$, so their GMS is $c / (4\delta^2 + c)$.  MSGMS averages $1 - \mathrm{GMS}$ over the
 # image and three successive 2x2 average-poolings, so coarse and fine edges both count.
@@ -137,7 +137,7 @@ print("cell sizes used at 64 px:", cell_sizes((2, 4, 8, 16), 64))
 # ## RIAD on a generated texture (a tiny run)
 #
 # A few epochs on a handful of 64-px brick images, only to see what the pieces look like; the
-# numbers of the full pipeline are in the Results chapter.
+# numbers of the full pipeline are in the Results chapter, {doc}`results`.
 
 # %%
 import tempfile  # noqa: E402
@@ -175,33 +175,58 @@ plt.show()
 print("training loss per epoch:", [round(h["loss"], 3) for h in model.history])
 
 # %% [markdown]
-# Results on the generated dataset: see the Results chapter.
+# Results on the generated dataset: see the Results chapter, {doc}`results`.
 #
 # ## Published numbers and our departures
 #
-# - **RIAD** on MVTec AD: pixel AUROC 94.2 and pixel AP 48.2 (mean over categories, as reported in
-#   DRAEM's Table 2); image AUROC 91.7 as listed by a follow-up paper (attribution likely, not
-#   certain).  No official code exists; an unofficial one was read for defaults.
+# - **RIAD** on MVTec AD: pixel AUROC 94.2 and pixel AP 48.2 (mean over categories, as reported for RIAD
+#   in Table 2 of DRAEM {cite:p}`zavrtanik2021draem`).  No official code exists; an unofficial one
+#   (`plutoyuxie/Reconstruction-by-inpainting-for-visual-anomaly-detection`) was read for defaults.
+# - **AE-SSIM** on MVTec AD, as re-run in PyramidFlow's Table 3 {cite:p}`lei2023pyramidflow` (12 of the
+#   15 categories): pixel AUROC 84.5, AUPRO 67.3.
 # - We average the MSGMS maps over $k$ with **equal weights**.  The unofficial code weighs the map of
 #   cell size $k$ by $1/N^2$, $N = 256/k$, so $k = 16$ counts 64 times more than $k = 2$; that reads as
 #   an artefact, and the paper describes a plain combination.
 # - We train a fixed number of epochs (the unofficial code early-stops on a validation split) and do
 #   not min-max normalise maps over the test set; MSGMS uses the channel-mean grey image without the
 #   unofficial code's 3x3 median pre-filter; cell sizes are scaled with the image size.
-# - **AE-SSIM** (Bergmann et al. 2019) is implemented on RGB with SSIM averaged over channels, and a
+# - **AE-SSIM** {cite:p}`bergmann2019aessim` is implemented on RGB with SSIM averaged over channels, and a
 #   smoothed map whose maximum is the image score.  As in the paper's texture setting it trains on
 #   random patches (the CPU preset: 32-px crops of 64-px images, latent 100) and scores overlapping
 #   tiles; trained on whole images with the same budget, its autoencoder barely leaves the "mean
 #   image" stage.  Even with patches it stays the weakest method here, which is itself the lesson:
 #   reconstruction needs a lot of training, and a blurry reconstruction lights up on every edge.
-# - **What the CPU scale costs.**  Both reconstruction methods plateau near 0.8 image AUROC on the
-#   generated brick at 64 px, however the small budget is spent (measured with 40-110 training images
-#   drawn at 128-256 px and read at 64, seeds 0-2): RIAD 0.78-0.85 after 20 epochs and 0.78-0.83 after
-#   40, AE-SSIM 0.75 after 80 epochs and 0.81 after 300.  Cracks and holes are found (per-kind AUROC
-#   about 1.0); thin scratches and faint stains are not (0.35-0.71): at 64 px a 1-2 px scratch of the
-#   256-px image is a fraction of a pixel, below what an inpainting or an SSIM window resolves.  RIAD at
-#   128 px moves the needle (0.93 for one seed) but is four times the cost and unstable at 10 epochs
-#   (0.71 for another).  Averaging several random test-mask draws per $k$ did not help, and
-#   normalising each pixel of the map by held-out normal training images helped grass (0.55 to 0.72)
-#   but not brick.  The paper-scale configuration (`configs/mvtec.yaml`: RIAD at 256 px for 300 epochs,
-#   AE-SSIM at 128 px for 200) is where these methods should be judged.
+# - **What the CPU scale costs.**  The pipeline runs both methods at 64 px (`params.yaml`), where a thin
+#   1-2 px scratch of the 256-px image is a fraction of a pixel, below what an inpainting or an SSIM window
+#   resolves; the per-defect-kind rows of the Results chapter show which kinds are found at that scale.
+#   The paper-scale configuration (`configs/mvtec.yaml`: RIAD at 256 px for 300 epochs, AE-SSIM at 128 px
+#   for 200) is where these methods should be judged ({doc}`paper_scale`).
+#
+# ## Summary
+#
+# - A reconstruction method learns to reproduce normal images and maps the **distance** between an image
+#   and its reconstruction; the distance decides what counts as a difference: SSIM compares local
+#   luminance, contrast and structure, GMS compares edges, both forgive the blur of a reconstruction
+#   better than a squared error.
+# - The weakness of a plain autoencoder is that it can **copy** a defect it sees; RIAD never shows the
+#   network the pixels it has to draw (disjoint masks, each pixel inpainted from its surroundings).
+# - Neither needs a pretrained network or aligned images; both need a long training and many passes at
+#   test time (RIAD: one U-Net pass per mask and cell size), and both struggle with defects smaller than
+#   what their window or cell resolves.
+#
+# ## Exercises
+#
+# 1. *(numerical)* Compute by hand the SSIM of an image with a copy of itself whose contrast is halved
+#    around its local mean ($y = \mu_x + (x - \mu_x)/2$) and check it with `ssim_map`. Which factor of the
+#    formula changes?
+# 2. *(conceptual)* RIAD's masks hide each pixel exactly once. What would go wrong if two masks hid the
+#    same pixel, or if some pixel were never hidden?
+# 3. *(numerical)* With cell sizes $k \in \{2, 4, 8, 16\}$ and $n = 3$ masks, how many U-Net passes does
+#    RIAD need per test image, and how does this grow if you add $k = 32$?
+# 4. *(pipeline)* Run `dvc exp run -S 'methods.riad.image_size=128'` and compare with the committed run in
+#    `dvc exp show --only-changed`: which defect kinds gain, and what does the fit time cost?
+# 5. *(pipeline)* Run `dvc exp run -S '+methods.ae_ssim.set.latent_dim=10'`: does a tighter bottleneck
+#    stop the autoencoder from copying defects, or does it only blur the normal images more?
+#
+# The lab of this chapter, {download}`labs/lab_reconstruction.py` (see {doc}`course_labs`), has you
+# implement the SSIM map.
