@@ -391,22 +391,20 @@ assert errors["DiAD (SG)"][1] < 1.5 * errors["autoencoder only"][1]
 assert errors["DiAD (SG)"][0] > errors["DiAD (SG)"][1]
 
 # %% [markdown]
-# Two things stand out, and they are what decided the pipeline's preset. First, **the guided
+# Two things stand out, and they decide how a small DiAD must be trained. First, **the guided
 # reconstruction follows the autoencoder**: outside the defects it adds a little error to that of
-# $\mathcal D(\mathcal E(x))$, and inside the defects its error is the autoencoder's — it repairs
-# no more than the autoencoder already does by itself — at this scale the SG network passes its input through, defects
-# included, and whatever the bottleneck of the autoencoder cannot represent is what gets "repaired".
-# Second, therefore, **the autoencoder bounds everything**: a blurry $\mathcal D(\mathcal E(x))$
-# differs from its input everywhere, the feature map lights up on every normal texture, and
-# detection drops to chance. That is what happened in the first pipeline run (400 autoencoder steps:
-# the reconstructions were mean-coloured blobs, unified image AUROC 0.56); the preset now spends
-# most of its budget on the autoencoder (see below). That sharpens $\mathcal D(\mathcal E(x))$
-# but was not enough while the score compared features of the 64 px images themselves: the
-# backbone's feature maps were then 16, 8 and 4 px wide, and defects of a few pixels vanish in them.
-# The paper scores 256 px images (feature maps of 64, 32 and 16 px), so the scoring now does the same:
-# input and reconstruction are upsampled to 256 px before the backbone (`score_size`, section 5);
-# the module docstring of `vadlab.methods.diad` has the numbers. The unguided LDM, in turn, errs more
-# outside the defects than the guided model: it does not know which image it was given.
+# $\mathcal D(\mathcal E(x))$, and inside the defects its error is the autoencoder's: it repairs
+# no more than the autoencoder already does by itself. At this scale the SG network passes its input
+# through, defects included, and whatever the bottleneck of the autoencoder cannot represent is what
+# gets "repaired". Second, therefore, **the autoencoder bounds everything**: a blurry
+# $\mathcal D(\mathcal E(x))$ differs from its input everywhere, the feature map lights up on every
+# normal texture, and detection drops towards chance. So the pipeline's small-CPU preset spends most of
+# its budget on the autoencoder (see below). A sharp $\mathcal D(\mathcal E(x))$ is not enough if the
+# score compares features of 64 px images: the backbone's feature maps are then 16, 8 and 4 px wide, and
+# defects of a few pixels vanish in them. The paper scores 256 px images (feature maps of 64, 32 and
+# 16 px), so the scoring does the same: input and reconstruction are upsampled to 256 px before the
+# backbone (`score_size`, section 5). The unguided LDM, in turn, errs more outside the defects than the
+# guided model: it does not know which image it was given.
 #
 # ## 5. From reconstruction to anomaly map and score
 #
@@ -454,8 +452,8 @@ for name, cfg in (("small default", DiADConfig()), ("paper widths", DiADConfig.p
 #
 # - **trained from scratch, small**: the paper fine-tunes SD v1.5 and its VAE (1000 epochs,
 #   AdamW 1e-5, batch 12 x 4, a V100); we train all three stages from scratch (AdamW 1e-3, batch 8;
-#   the pipeline's small-CPU preset, printed below: 1200 autoencoder, 800 denoiser and 1000 SG
-#   steps at 64 px, a KL-f4 latent of 4 x 16 x 16, about 3.1 M parameters in all). The plain denoiser of stage 2 plays the part of pretrained SD; as in the
+#   the step counts of the pipeline's small-CPU preset are printed below; at 64 px its KL-f4 latent is
+#   4 x 16 x 16). The plain denoiser of stage 2 plays the part of pretrained SD; as in the
 #   official code, stage 3 trains SG and the denoiser's decoder half while its encoder stays frozen;
 # - **no text conditioning**: DiAD feeds SD an empty prompt, a constant, so we drop cross-attention,
 #   the CLIP encoder and the official code's classifier-free guidance (scale 9);

@@ -434,8 +434,8 @@ if table_path is not None:
 # test-set maximum. Departures here: training-data normalisation ($m_k$ = max training log-likelihood);
 # final weights (no epoch selection); EfficientNet-Lite0 (blocks 2, 4, 6 by default, strides as WRN-50
 # layers 2-4; the 128 px preset takes blocks 1, 2, 4); an actnorm layer initialised on the training
-# fibers opens each decoder (FrEIA's AllInOneBlock in the code has a learnt global affine per block;
-# without it our small runs trained much worse); hard permutations; plain per-dimension NLL (the code
+# fibers opens each decoder (it stands in for the learnt global affine of the FrEIA AllInOneBlock that
+# the official code uses in every block); hard permutations; plain per-dimension NLL (the code
 # adds $-\log\sigma(\cdot)$); cached encoder features, no rotation augmentation.
 #
 # **PyramidFlow** {cite:p}`lei2023pyramidflow` (MVTec AD without grid, metal nut and screw, pixel AUROC /

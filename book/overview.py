@@ -145,8 +145,8 @@ rows
 #
 # The figure places the methods by the two distinctions above: what they model (the distribution of
 # pretrained features, left, or the images themselves, right) and how much they must train (read from
-# the package, as in the table). It is a qualitative map, not a measurement: the Results chapter has the
-# measured accuracy and cost.
+# the package, as in the table). It is a qualitative map, not a measurement: the Results chapter
+# ({doc}`results`) has the measured accuracy and cost.
 
 # %%
 COLOURS = dict(zip(FAMILIES, plt.get_cmap("tab10").colors))
@@ -205,7 +205,7 @@ plt.show()
 # The data sets change the answer too: the generated data of this book, MVTec AD
 # {cite:p}`bergmann2019mvtec`, BTAD {cite:p}`mishra2021btad`, VisA {cite:p}`zou2022visa` and the solar
 # cells of ELPV {cite:p}`buerhop2018elpv,deitsch2019elpv` reward different families, which is what the
-# Results chapters measure.
+# Results chapters ({doc}`results`, {doc}`paper_scale`) measure.
 #
 # ## Summary
 #

@@ -96,7 +96,7 @@ settings_table[settings_table.dataset == "mvtec"].drop(columns="dataset").set_in
 # Only numbers checked against the paper's text or the official repository are listed. "Caveat" says where a number depends on choices a faithful rerun does not make: test-set checkpoint
 # selection, a different subset of categories, a different AUPRO, a multi-class model. A dash: not
 # reported. The "yours" columns read `results/<dataset>/metrics/<run>.json` (or `unified-<run>.json`),
-# the same files the results chapter reads for the generated dataset.
+# the same files the results chapter ({doc}`results`) reads for the generated dataset.
 
 # %%
 NA = float("nan")

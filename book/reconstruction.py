@@ -107,7 +107,7 @@ print("GMS(ramp, flat) =", float(inner.mean()), " expected", 0.0026 / (4 * delta
 # ## Inpainting instead of copying
 #
 # RIAD cuts the image into cells of $k\times k$ pixels and deals the cells at random into $n = 3$
-# sets.  Mask $M_i$ hides set $i$.  A U-Net $U$ inpaints each masked image and every pixel is taken
+# sets.  Mask $M_i$ hides set $i$.  A U-Net {cite:p}`ronneberger2015unet` $U$ inpaints each masked image and every pixel is taken
 # from the pass that could **not** see it:
 #
 # $$\hat x = \sum_{i=1}^{n} U(x \odot M_i) \odot (1 - M_i).$$
@@ -198,7 +198,7 @@ print("training loss per epoch:", [round(h["loss"], 3) for h in model.history])
 #   reconstruction needs a lot of training, and a blurry reconstruction lights up on every edge.
 # - **What the CPU scale costs.**  The pipeline runs both methods at 64 px (`params.yaml`), where a thin
 #   1-2 px scratch of the 256-px image is a fraction of a pixel, below what an inpainting or an SSIM window
-#   resolves; the per-defect-kind rows of the Results chapter show which kinds are found at that scale.
+#   resolves; the example maps of the Results chapter ({doc}`results`) show what is found at that scale.
 #   The paper-scale configuration (`configs/mvtec.yaml`: RIAD at 256 px for 300 epochs, AE-SSIM at 128 px
 #   for 200) is where these methods should be judged ({doc}`paper_scale`).
 #
