@@ -272,7 +272,7 @@ plt.show()
 #
 # ### A small experiment
 #
-# We train a very small DiAD of `vadlab` for about a minute on two categories at once — a texture
+# We train a very small DiAD of `vadlab` for a minute or two on two categories at once — a texture
 # (`brick`) and an object (`screw`) — in its three stages: autoencoder, plain latent denoiser (the
 # stand-in for pretrained Stable Diffusion), then SG. From the same stage-2 checkpoint we also
 # continue training the plain denoiser for as many steps: the LDM row of the ablation (with no
@@ -298,7 +298,7 @@ train = torch.cat([next(iter(make_loader(MVTecDataset(root, c, "train", SIZE), b
                    for c in ("brick", "screw")])
 small = dict(ae_channels=8, ae_channel_mult=(1, 2, 2), ae_res_blocks=1, model_channels=16, channel_mult=(1, 2),
              num_res_blocks=1, attention_resolutions=(2,), num_heads=2, hint_channels=(8, 16, 16),
-             ae_steps=250, ldm_steps=250, sg_steps=400, train_batch_size=8, noise_step=900)
+             ae_steps=250, ldm_steps=250, sg_steps=800, train_batch_size=8, noise_step=900)
 guided = DiAD(**small)
 gen = torch.Generator().manual_seed(0)
 ae_loss = guided.fit_autoencoder(train, gen)
@@ -465,8 +465,7 @@ for name, cfg in (("small default", DiADConfig()), ("paper widths", DiADConfig.p
 # - every test image is noised with the same seeded noise, so predictions are reproducible;
 # - the small-CPU preset starts denoising at $t = 900$ (see above), the paper at 999;
 # - the small-CPU preset spends most of its budget on the autoencoder, because section 4 showed
-#   that the reconstruction is never better than $\mathcal D(\mathcal E(x))$ (with 400 autoencoder
-#   steps the reconstructions were mean-coloured blurs). Even so, at 64 px the small DiAD stays
+#   that the reconstruction is never better than $\mathcal D(\mathcal E(x))$. Even so, at 64 px the small DiAD stays
 #   weak under the unified protocol: the pipeline's images are a quarter of the paper's 256 px. Scoring
 #   at the paper's resolution (section 5) is what lets a defect span several feature cells; exercise 4
 #   below measures what it changes. The Results chapter ({doc}`results`) shows the pipeline's run next
