@@ -375,7 +375,8 @@ def pro_curve(masks: Any, maps: Any) -> tuple[np.ndarray, np.ndarray]:
     """The exact per-region-overlap curve: arrays ``(fpr, pro)``, one point per distinct score.
 
     PRO(t) = mean over all defect regions (all images) of the fraction of the region's pixels with
-    score > t; FPR(t) = fraction of all defect-free pixels with score > t. Starts at (0, 0).
+    score >= t; FPR(t) = fraction of all defect-free pixels with score >= t, for every distinct score t
+    (the pixels scoring t included). Starts at (0, 0).
     """
     m, a = _pixel_inputs(masks, maps)
     regions, n_regions = _label_regions(m)
