@@ -76,9 +76,12 @@ table.loc["mean"], spread.loc["mean"] = per_seed.mean(), per_seed.std(ddof=1)
 
 
 def rounded(row: pd.Series, std: pd.Series) -> dict:
-    out = {k: round(float(v), 6) for k, v in row.items()}
+    """Six decimals; a missing value (pixel metrics of an image-level-only dataset) stays null in the JSON."""
+    def r(v):
+        return None if pd.isna(v) else round(float(v), 6)
+    out = {k: r(v) for k, v in row.items()}
     if len(seeds) > 1:
-        out.update({f"{k}_std": round(float(v), 6) for k, v in std.items() if k in KEYS[:6]})
+        out.update({f"{k}_std": r(v) for k, v in std.items() if k in KEYS[:6]})
     return out
 
 

@@ -98,12 +98,15 @@ def by_category(frame: pd.DataFrame, metric: str, runs: list[str]) -> tuple[pd.D
 
 
 def to_markdown(df: pd.DataFrame, digits: int = 3, std: pd.DataFrame | None = None) -> str:
-    """GitHub-flavoured markdown table with fixed decimals; "mean ± std" cells where ``std`` is given."""
+    """GitHub-flavoured markdown table with fixed decimals; "mean ± std" cells where ``std`` is given.
+
+    A missing value (a pixel metric of a dataset without pixel masks) is an em dash, never "nan".
+    """
     if std is not None:
-        cells = [[f"{m:.{digits}f}" + ("" if pd.isna(d) else f" ± {d:.{digits}f}") for m, d in zip(rm, rd)]
-                 for rm, rd in zip(df.to_numpy(), std.reindex_like(df).to_numpy())]
+        cells = [["—" if pd.isna(m) else f"{m:.{digits}f}" + ("" if pd.isna(d) else f" ± {d:.{digits}f}")
+                  for m, d in zip(rm, rd)] for rm, rd in zip(df.to_numpy(), std.reindex_like(df).to_numpy())]
         return pd.DataFrame(cells, index=df.index, columns=df.columns).to_markdown() + "\n"
-    return df.to_markdown(floatfmt=f".{digits}f") + "\n"
+    return df.astype(object).where(df.notna(), None).to_markdown(floatfmt=f".{digits}f", missingval="—") + "\n"
 
 
 def write(df: pd.DataFrame, name: str, digits: int = 3, std: pd.DataFrame | None = None) -> None:

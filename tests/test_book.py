@@ -135,7 +135,7 @@ def test_pipeline_notebooks_and_params_agree_with_the_package() -> None:
         assert method in params["methods"], f"params.yaml has no settings for {method!r}"
         implementation = params["methods"][method].get("method", method)
         assert implementation in available_methods(), f"params.yaml runs {implementation!r}, which vadlab lacks"
-    for name in ("synth", "evaluate", "tables", "figures"):
+    for name in ("synth", "evaluate", "tables", "figures", "elpv_evaluate", "elpv_report"):
         nb = jupytext.read(ROOT / "pipeline" / f"{name}.py")
         tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
         assert len(tagged) == 1, f"pipeline/{name}.py needs exactly one cell tagged 'parameters'"

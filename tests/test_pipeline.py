@@ -38,13 +38,13 @@ def affected(index, key: str) -> set[str]:
 def test_one_method_setting_reruns_only_its_stages_and_the_report(index):
     runs, unified = PARAMS["run_methods"], PARAMS["unified_methods"]
     assert "padim" in runs and "padim" in unified and "cflow" in runs and "cflow" not in unified
-    report = {"tables", "figures"}
+    report = {"tables", "figures", "elpv_report"}  # elpv_report reads the generated data's summary too
     peers = {s.addressing for s in index.stages if s.addressing.startswith("anomalib")}
     curves = {"curves"}  # the data of `dvc plots`, read from the runs' predictions
     padim = affected(index, "methods.padim.set.ridge")
-    assert padim - peers == {"evaluate@padim", "unified@padim"} | report | curves
+    assert padim - peers == {"evaluate@padim", "unified@padim", "elpv_evaluate@padim"} | report | curves
     cflow = affected(index, "methods.cflow.image_size")
-    assert cflow - peers == {"evaluate@cflow"} | report | curves
+    assert cflow - peers == {"evaluate@cflow", "elpv_evaluate@cflow"} | report | curves
     # a run of the digits protocol is its own stage too (figures is downstream of tables in the graph;
     # DVC skips it when the table files it reads come out unchanged)
     assert affected(index, "digits.runs.dmad_plus") == {"digits@dmad_plus"} | report
@@ -55,6 +55,13 @@ def test_seeds_and_data_rerun_every_evaluation_but_not_the_digits(index):
     assert evaluations <= affected(index, "n_seeds")
     assert not any(s.startswith("digits@") for s in affected(index, "n_seeds"))
     assert evaluations | {f"unified@{r}" for r in PARAMS["unified_methods"]} <= affected(index, "data.categories")
+
+
+def test_elpv_settings_rerun_the_elpv_stages_only(index):
+    elpv = {"elpv_data", "elpv_report"} | {f"elpv_evaluate@{r}" for r in PARAMS["run_methods"]}
+    assert affected(index, "elpv.max_train") == elpv
+    assert affected(index, "elpv.n_seeds") == elpv - {"elpv_data"}
+    assert not any(s.startswith("elpv") for s in affected(index, "data.categories") - {"elpv_report"})
 
 
 def test_execution_settings_rerun_nothing(index):

@@ -2,6 +2,7 @@
 
     vadlab data synth --out DIR [--seed N]          write the generated dataset (MVTec layout)
     vadlab data download mvtec|btad|visa --out DIR  fetch, verify and convert a real dataset to MVTec layout
+    vadlab data elpv --out DIR [--seed N]           write the ELPV solar cells (pip install elpv-dataset)
     vadlab evaluate METHOD --data ROOT --category C fit on train/good, score test/, write metrics.json
     vadlab fit METHOD --data ROOT --category C --out model.pt
     vadlab test MODEL.pt --data ROOT --category C   score a saved model on test/, all metrics, no refit
@@ -104,7 +105,7 @@ def _check_image_size(size: int, batch_size: int, n_images: int = 0) -> int:
 def _table(rows: list[dict], keys: Sequence[str]) -> str:
     """A plain-text table of ``rows`` with columns ``keys`` (floats with 3 decimals)."""
     def fmt(v):
-        return f"{v:.3f}" if isinstance(v, float) else ("nan" if v is None else str(v))
+        return f"{v:.3f}" if isinstance(v, float) else ("—" if v is None else str(v))  # None: no pixel masks
     cells = [[k for k in keys]] + [[fmt(r.get(k)) for k in keys] for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(keys))]
     lines = ["  ".join(c[i].rjust(widths[i]) for i in range(len(keys))) for c in cells]
@@ -130,6 +131,15 @@ def cmd_data_download(args: argparse.Namespace) -> int:
     out = download(args.name, args.out, url=args.url or None, sha256=args.sha256, archive=args.archive,
                    cache=args.cache, categories=tuple(dict.fromkeys(args.categories)) if args.categories else None)
     log.info("wrote %s in MVTec layout to %s", args.name, out)
+    return 0
+
+
+def cmd_data_elpv(args: argparse.Namespace) -> int:
+    from vadlab.data.elpv import CITATION, write_elpv
+
+    out = write_elpv(args.out, seed=args.seed, train_fraction=args.train_fraction, max_train=args.max_train,
+                     limit=args.limit, overwrite=args.overwrite)
+    log.info("wrote ELPV (mono, poly) in MVTec layout to %s\n%s", out, CITATION)
     return 0
 
 
@@ -185,6 +195,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         rows.append(_mean_row(rows, keys[1:]))
     print(f"{args.method} ({args.protocol}, {args.image_size} px, seed {args.seed})")
     print(_table(rows, keys))
+    for reason in sorted({r["pixel_metrics_missing"] for r in rows if r.get("pixel_metrics_missing")}):
+        print(f"pixel metrics —: {reason}")
     if args.out is not None:
         log.info("wrote metrics.json, predictions, curves and overlays to %s", args.out)
     return 0
@@ -411,6 +423,14 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--overwrite", action="store_true",
                        help="replace category folders that an earlier `vadlab data synth` wrote (never others)")
     synth.set_defaults(func=cmd_data_synth)
+    elpv = data.add_parser("elpv", help="write the ELPV solar cells (pip install elpv-dataset) in MVTec layout")
+    elpv.add_argument("--out", required=True, help="output folder")
+    elpv.add_argument("--seed", type=int, default=0, help="seed of the train/test split of the p = 0 cells")
+    elpv.add_argument("--train-fraction", type=float, default=0.8, help="share of the p = 0 cells in train/good")
+    elpv.add_argument("--max-train", type=int, help="keep at most this many training images (seeded; a cost cap)")
+    elpv.add_argument("--limit", type=int, help="at most this many files per folder (quick tests)")
+    elpv.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
+    elpv.set_defaults(func=cmd_data_elpv)
     dl = data.add_parser("download", help="fetch MVTec AD, BTAD or VisA, check its SHA-256, convert to MVTec layout")
     dl.add_argument("name", choices=("mvtec", "btad", "visa"))
     dl.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
@@ -548,7 +568,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vadlab: interrupted", file=sys.stderr)
         return 130
-    except (OSError, ValueError, WeightsUnavailableError) as err:
+    except (OSError, ValueError, ImportError, WeightsUnavailableError) as err:
         message = str(err) if not isinstance(err, OSError) or err.filename is None or str(err.filename) in str(err) \
             else f"{err.strerror or err}: {err.filename}"
         print(f"vadlab: error: {' '.join(message.split())}", file=sys.stderr)  # one line

@@ -32,6 +32,7 @@ from vadlab.metrics import evaluate_all
 log = logging.getLogger("vadlab")
 
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "pixel_ap", "image_f1max", "pixel_f1max")
+PIXEL_KEYS = ("pixel_auroc", "aupro", "pixel_ap", "pixel_f1max")  # None without pixel masks
 #: what a run writes into its folder; ``metrics.json`` is written last and marks the run complete
 RUN_OUTPUTS = ("metrics.json", "predictions.npz", "scores.csv", "curves", "history.csv", "overlays", "model.pt")
 #: what to do with an ``out_dir`` that holds a finished run
@@ -101,7 +102,7 @@ def predict_dataset(model: AnomalyMethod, dataset: Dataset, batch_size: int = 16
     from vadlab.data import make_loader
 
     model.eval()
-    scores, maps, labels, masks, paths, defects = [], [], [], [], [], []
+    scores, maps, labels, masks, has_mask, paths, defects = [], [], [], [], [], [], []
     seconds = 0.0
     for batch in tqdm(make_loader(dataset, batch_size=batch_size), desc=desc, leave=False):
         start = time.perf_counter()
@@ -115,10 +116,29 @@ def predict_dataset(model: AnomalyMethod, dataset: Dataset, batch_size: int = 16
         maps.append(m.cpu().float().numpy())
         labels.append(np.asarray(batch["label"]))
         masks.append(batch["mask"][:, 0].numpy().astype(np.uint8))
+        has_mask.append(np.asarray(batch.get("has_mask", [True] * len(s)), dtype=bool))
         paths += list(batch["path"])
         defects += list(batch["defect"])
     return {"scores": np.concatenate(scores), "maps": np.concatenate(maps), "labels": np.concatenate(labels),
-            "masks": np.concatenate(masks), "paths": paths, "defects": defects, "seconds": seconds}
+            "masks": np.concatenate(masks), "has_mask": np.concatenate(has_mask), "paths": paths, "defects": defects,
+            "seconds": seconds}
+
+
+def score_metrics(out: dict[str, Any]) -> dict[str, Any]:
+    """Image and pixel metrics of :func:`predict_dataset`'s output.
+
+    Where some defective images have no pixel mask (image-level labels only), the pixel metrics are
+    None (JSON null) and ``pixel_metrics_missing`` says why: they are never computed on invented masks.
+    """
+    unlabelled = [p for p, ok in zip(out["paths"], out["has_mask"]) if not ok]
+    if not unlabelled:
+        return evaluate_all(out["labels"], out["scores"], out["masks"], out["maps"])
+    metrics = evaluate_all(out["labels"], out["scores"])
+    folders = sorted({str(Path(p).parent) for p in unlabelled})
+    metrics.update(dict.fromkeys(PIXEL_KEYS, None), pixel_metrics_missing=(
+        f"image-level labels only: {len(unlabelled)} of {int(np.sum(out['labels']))} defective test images have "
+        f"no ground-truth mask (no ground_truth/<defect>/ folder for {', '.join(folders)})"))
+    return metrics
 
 
 def evaluate(model: AnomalyMethod, train_loader: Iterable, test_dataset: Dataset,
@@ -135,7 +155,7 @@ def evaluate(model: AnomalyMethod, train_loader: Iterable, test_dataset: Dataset
 def score(model: AnomalyMethod, test_dataset: Dataset, batch_size: int = 16, desc: str = "predict") -> EvalResult:
     """Score ``test_dataset`` with a fitted ``model`` and compute every metric (no fitting)."""
     out = predict_dataset(model, test_dataset, batch_size, desc=desc)
-    metrics = evaluate_all(out["labels"], out["scores"], out["masks"], out["maps"])
+    metrics = score_metrics(out)
     metrics.update(per_defect_image_auroc=per_defect_auroc(out["labels"], out["scores"], out["defects"]),
                    predict_seconds_per_image=out["seconds"] / len(out["scores"]), peak_memory_mb=peak_memory_mb())
     return EvalResult(metrics, out["scores"], out["labels"], out["maps"], out["masks"], out["paths"], out["defects"])
@@ -165,7 +185,8 @@ def _thin(x: np.ndarray, y: np.ndarray, n: int = 1000) -> tuple[np.ndarray, np.n
 def curves(result: EvalResult) -> dict[str, tuple[tuple[str, str], np.ndarray, np.ndarray]]:
     """ROC and PR curves of the image scores, pixel ROC and PRO curves of the maps: name -> (columns, x, y).
 
-    Pixel curves are left out when no test image has a defect mask (image-level-only datasets).
+    Pixel curves are left out when no test image has a defect mask, or when some defective images have none
+    (image-level-only datasets: ``pixel_metrics_missing``); they are never drawn on invented masks.
     """
     from sklearn.metrics import precision_recall_curve, roc_curve
 
@@ -179,7 +200,7 @@ def curves(result: EvalResult) -> dict[str, tuple[tuple[str, str], np.ndarray, n
         precision, recall, _ = precision_recall_curve(labels, result.scores)
         out["image_pr"] = (("recall", "precision"), recall[::-1], precision[::-1])
     masks = np.asarray(result.masks)
-    if masks.any() and not masks.all():
+    if masks.any() and not masks.all() and not result.metrics.get("pixel_metrics_missing"):
         fpr, tpr, _ = roc_curve(masks.reshape(-1), result.maps.reshape(-1).astype(np.float32))
         out["pixel_roc"] = (("fpr", "tpr"), *_thin(fpr, tpr))
         fpr, pro = pro_curve(masks, result.maps)

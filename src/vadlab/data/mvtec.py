@@ -8,8 +8,14 @@ Layout::
     <root>/<category>/ground_truth/<defect>/<stem>_mask.png
 
 Every item is a dict with ``image`` float32 [3, S, S] in [0, 1], ``mask`` float32
-[1, S, S] in {0, 1}, ``label`` (0 normal, 1 defective), ``defect``, ``category``
-and ``path``.
+[1, S, S] in {0, 1}, ``has_mask`` (False for a defective image without pixel labels, whose
+``mask`` is all zero and must not be scored), ``label`` (0 normal, 1 defective), ``defect``,
+``category`` and ``path``.
+
+Image-level-only data (good/bad labels, no masks, e.g. ELPV): a defect folder with no
+``ground_truth/<defect>/`` folder at all is read with image labels only; pixel metrics are then
+reported as absent, never computed on invented masks. A ``ground_truth/<defect>/`` folder that
+has masks for some images and not others is an error that names the images without one.
 """
 
 from __future__ import annotations
@@ -194,8 +200,9 @@ class MVTecDataset(Dataset):
     """One category of an MVTec-layout folder, as a torch Dataset of dicts.
 
     ``train`` holds ``train/good`` only; ``test`` holds every ``test/<defect>`` folder,
-    where ``good`` is normal (all-zero mask) and every other folder is defective and
-    must have its masks in ``ground_truth/<defect>/``.
+    where ``good`` is normal (all-zero mask) and every other folder is defective, with its
+    masks in ``ground_truth/<defect>/`` (every image needs one) or, without that folder, with
+    image labels only (see :attr:`pixel_labels_missing`).
     """
 
     def __init__(
@@ -250,19 +257,25 @@ class MVTecDataset(Dataset):
         samples: list[Sample] = []
         for defect_dir in sorted(p for p in test_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
             defect = defect_dir.name
+            files = _image_files(defect_dir)
+            if defect == NORMAL:
+                samples += [Sample(path, None, 0, NORMAL) for path in files]
+                continue
             gt_dir = self.category_dir / "ground_truth" / defect
-            for path in _image_files(defect_dir):
-                if defect == NORMAL:
-                    samples.append(Sample(path, None, 0, NORMAL))
-                    continue
-                mask = _find_mask(gt_dir, path.stem)
-                if mask is None:
-                    raise FileNotFoundError(
-                        f"no ground-truth mask for defective test image {path}: expected "
-                        f"{gt_dir / (path.stem + '_mask.png')}. Add the mask, or move the image "
-                        "to test/good if it is defect-free"
-                    )
-                samples.append(Sample(path, mask, 1, defect))
+            if not gt_dir.is_dir():  # image-level labels only: no pixel masks for this defect type
+                samples += [Sample(path, None, 1, defect) for path in files]
+                continue
+            masks = {path: _find_mask(gt_dir, path.stem) for path in files}
+            missing = [path for path, mask in masks.items() if mask is None]
+            if missing:
+                names = ", ".join(str(p) for p in missing[:5]) + (", ..." if len(missing) > 5 else "")
+                raise FileNotFoundError(
+                    f"{len(missing)} of {len(files)} defective test images in {defect_dir} have no "
+                    f"ground-truth mask in {gt_dir} (expected <stem>_mask.png): {names}. Add their masks, "
+                    "move defect-free ones to test/good, or delete the folder "
+                    f"{gt_dir} to evaluate this defect type with image labels only"
+                )
+            samples += [Sample(path, masks[path], 1, defect) for path in files]
         if not samples:
             raise FileNotFoundError(f"test folder {test_dir} holds no images")
         return samples
@@ -276,6 +289,11 @@ class MVTecDataset(Dataset):
     def labels(self) -> list[int]:
         """Image labels in item order (0 normal, 1 defective), without reading any image."""
         return [s.label for s in self.samples]
+
+    @property
+    def pixel_labels_missing(self) -> list[str]:
+        """Defect folders read with image labels only (no ``ground_truth/<defect>/``); empty when all have masks."""
+        return sorted({s.defect for s in self.samples if s.label == 1 and s.mask_path is None})
 
     @property
     def defects(self) -> list[str]:
@@ -306,6 +324,7 @@ class MVTecDataset(Dataset):
         return {
             "image": resize_image(image_to_array(img), self.image_size),
             "mask": resize_mask(mask, self.image_size),
+            "has_mask": s.label == 0 or s.mask_path is not None,
             "label": s.label,
             "defect": s.defect,
             "category": self.category,
