@@ -13,8 +13,9 @@
 # %% [markdown]
 # # Stage `curves`: the data behind `dvc plots show` and `dvc plots diff`
 #
-# Reads every run's `predictions.npz` (per-category runs: the first seed; unified runs: their one model)
-# and writes one CSV file per kind of curve under `results/plots/<dataset>/`, every run's curve in it
+# Reads every run's `predictions.npz` (per-category runs: the first seed; unified runs: their one model),
+# on the generated data and on the real ELPV cells, and writes one CSV file per kind of curve under
+# `results/plots/<dataset>/`, every run's curve in it
 # (a `run` column), which `dvc.yaml`'s `plots:` section draws as one line per run:
 #
 # - `image_roc.csv` (`fpr`, `tpr`): the image-level ROC curve, averaged over the categories vertically
@@ -36,6 +37,7 @@
 
 # %% tags=["parameters"]
 data = {"name": "synthetic", "root": "build/synthetic", "categories": ["brick"]}
+elpv = None  # the real ELPV cells (params.yaml `elpv`): their per-category runs get curves too
 seed = 0
 run_methods = ["padim"]
 unified_methods = []
@@ -51,16 +53,14 @@ from sklearn.metrics import precision_recall_curve, roc_curve
 from vadlab.metrics import pro_curve
 
 root = Path(results_root)
-out = root / "plots" / data["name"]
-categories = list(data["categories"])
 FPR = np.linspace(0.0, 1.0, 101)
 RECALL = np.linspace(0.0, 1.0, 101)
 PRO_FPR = np.linspace(0.0, 0.3, 61)
 Z_BINS = np.linspace(-4.0, 16.0, 41)
 
 
-def predictions(run: str, category: str, unified: bool) -> dict:
-    base = root / data["name"] / ("unified" if unified else "") / run / category
+def predictions(dataset: str, run: str, category: str, unified: bool) -> dict:
+    base = root / dataset / ("unified" if unified else "") / run / category
     path = (base if unified else base / f"seed{seed}") / "predictions.npz"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: run `dvc repro` (the evaluate and unified stages)")
@@ -68,10 +68,10 @@ def predictions(run: str, category: str, unified: bool) -> dict:
         return {k: z[k] for k in z.files}
 
 
-def run_curves(run: str, unified: bool) -> dict[str, pd.DataFrame]:
+def run_curves(dataset: str, categories: list[str], run: str, unified: bool) -> dict[str, pd.DataFrame]:
     tprs, precisions, pros, normal, defective = [], [], [], 0, 0
     for category in categories:
-        p = predictions(run, category, unified)
+        p = predictions(dataset, run, category, unified)
         labels, scores = p["labels"].astype(int), p["scores"].astype(np.float64)
         fpr, tpr, _ = roc_curve(labels, scores)
         tprs.append(np.interp(FPR, fpr, tpr))
@@ -95,7 +95,7 @@ def run_curves(run: str, unified: bool) -> dict[str, pd.DataFrame]:
         curves["pixel_pro"] = pd.DataFrame({"fpr": PRO_FPR, "pro": np.mean(pros, axis=0)})
     histories = []
     for category in categories:  # trained methods log their loss; memory banks and Gaussians have none
-        base = root / data["name"] / ("unified" if unified else "") / run / category
+        base = root / dataset / ("unified" if unified else "") / run / category
         path = (base if unified else base / f"seed{seed}") / "history.csv"
         if path.is_file():
             loss = pd.read_csv(path)["loss"].to_numpy()
@@ -106,22 +106,27 @@ def run_curves(run: str, unified: bool) -> dict[str, pd.DataFrame]:
 
 
 # %%
-frames: dict[str, list[pd.DataFrame]] = {}
-runs = [(r, False) for r in run_methods] + [(r, True) for r in unified_methods]
-for run, unified in runs:
-    name = f"unified-{run}" if unified else run
-    for kind, frame in run_curves(run, unified).items():
-        frames.setdefault(kind, []).append(frame.assign(run=name))
-out.mkdir(parents=True, exist_ok=True)
-for stale in out.glob("*.csv"):
-    stale.unlink()
-for kind, parts in frames.items():
-    table = pd.concat(parts)
-    table = table[["run", *[c for c in table.columns if c != "run"]]].round(6)
-    tmp = out / f".{kind}.csv.tmp"
-    table.to_csv(tmp, index=False)
-    tmp.replace(out / f"{kind}.csv")
-print(sorted(p.name for p in out.iterdir()))
+datasets = [(data["name"], list(data["categories"]),
+             [(r, False) for r in run_methods] + [(r, True) for r in unified_methods])]
+if elpv:  # the real cells: the per-category runs only (no unified stage on ELPV)
+    datasets.append(("elpv", list(elpv["categories"]), [(r, False) for r in run_methods]))
+for dataset, categories, runs in datasets:
+    frames: dict[str, list[pd.DataFrame]] = {}
+    for run, unified in runs:
+        name = f"unified-{run}" if unified else run
+        for kind, frame in run_curves(dataset, categories, run, unified).items():
+            frames.setdefault(kind, []).append(frame.assign(run=name))
+    out = root / "plots" / dataset
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("*.csv"):
+        stale.unlink()
+    for kind, parts in frames.items():
+        table = pd.concat(parts)
+        table = table[["run", *[c for c in table.columns if c != "run"]]].round(6)
+        tmp = out / f".{kind}.csv.tmp"
+        table.to_csv(tmp, index=False)
+        tmp.replace(out / f"{kind}.csv")
+    print(dataset, sorted(p.name for p in out.iterdir()))
 
 # %% [markdown]
 # The vertical average is exact for the area: the mean of the categories' AUROCs equals the area under
@@ -130,11 +135,12 @@ print(sorted(p.name for p in out.iterdir()))
 # %%
 from vadlab.metrics import auroc
 
+dataset, categories, runs = datasets[0]
 first = runs[0]
-roc = pd.read_csv(out / "image_roc.csv")
+roc = pd.read_csv(root / "plots" / dataset / "image_roc.csv")
 roc = roc[roc["run"] == (f"unified-{first[0]}" if first[1] else first[0])]
 area = float(np.trapezoid(roc["tpr"], roc["fpr"]))
 mean_auroc = float(np.mean([auroc(p["labels"], p["scores"])
-                            for p in (predictions(first[0], c, first[1]) for c in categories)]))
+                            for p in (predictions(dataset, first[0], c, first[1]) for c in categories)]))
 print(f"{first[0]}: area under the averaged ROC {area:.4f}, mean AUROC {mean_auroc:.4f}")
 assert abs(area - mean_auroc) < 0.02, (area, mean_auroc)

@@ -58,7 +58,8 @@ def test_seeds_and_data_rerun_every_evaluation_but_not_the_digits(index):
 
 
 def test_elpv_settings_rerun_the_elpv_stages_only(index):
-    elpv = {"elpv_data", "elpv_report"} | {f"elpv_evaluate@{r}" for r in PARAMS["run_methods"]}
+    # `curves` (the data of `dvc plots`) reads both datasets' predictions
+    elpv = {"elpv_data", "elpv_report", "curves"} | {f"elpv_evaluate@{r}" for r in PARAMS["run_methods"]}
     assert affected(index, "elpv.max_train") == elpv
     assert affected(index, "elpv.n_seeds") == elpv - {"elpv_data"}
     assert not any(s.startswith("elpv") for s in affected(index, "data.categories") - {"elpv_report"})
