@@ -265,11 +265,8 @@ for run in RUNS:
 # px, 8-bit grayscale, from 44 modules), which installs offline from PyPI as `elpv-dataset`. Each cell
 # carries an expert defect probability in {0, 1/3, 2/3, 1} and its module type (monocrystalline `mono`
 # or polycrystalline `poly`, the two categories here). Dataset licence: CC BY-NC-SA 4.0 (non-commercial,
-# share alike). Sources: Buerhop-Lutz, Deitsch, Maier, Gallwitz, Berger, Doll, Hauch, Camus and Brabec,
-# "A Benchmark for Visual Identification of Defective Solar Cells in Electroluminescence Imagery",
-# 35th EU PVSEC, 2018; Deitsch, Christlein, Berger, Buerhop-Lutz, Maier, Gallwitz and Riess, "Automatic
-# classification of defective photovoltaic module cells in electroluminescence images", Solar Energy 185,
-# 2019.
+# share alike). The benchmark is {cite:t}`buerhop2018elpv`; the cells and their labels are described by
+# {cite:t}`deitsch2019elpv`.
 #
 # Stage `elpv_data` (`vadlab data elpv`, {py:func}`vadlab.data.elpv.write_elpv`) writes it in MVTec
 # layout: the p = 0 cells of each module type are permuted with a fixed seed and split 80/20 into
