@@ -1,7 +1,7 @@
 """Course labs: the checks of vadlab.labs accept the package's implementation, reject plausible wrong ones
 with a helpful message, and the student edition empties exactly the solution code.
 
-Each wrong implementation below is written the way a student might write it (not taken from labs.py), and
+Each wrong implementation below is written the way a student might write it (not taken from vadlab.labs), and
 the test asserts both the verdict (False) and that the report points at the mistake.
 """
 
