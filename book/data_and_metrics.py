@@ -315,6 +315,92 @@ for trial in range(3):
 print("vadlab.metrics.aupro agrees with the brute-force definition")
 
 # %% [markdown]
+# ## The three curves on one worked example
+#
+# Each metric above is the area under a curve, and the curves show more than their areas: where a map
+# loses, at which false-positive rate. A small worked example: three generated `washer` test images at
+# 64 px (a crack, a stain, and a normal one) and a simulated anomaly map, the blurred mask plus smooth
+# noise, rounded to two decimals so that ties occur. The ROC and precision-recall curves are computed
+# below from their definitions (one threshold $t$ per distinct score, a pixel is positive when
+# $a_p \ge t$); the PRO curve comes from `vadlab.metrics.pro_curve`. The areas under the first two must be
+# the package's pixel AUROC and pixel AP, and the area under the third up to FPR $0.3$, divided by
+# $0.3$, its AUPRO.
+
+# %%
+CMAP = "magma"  # the one colormap of this chapter's anomaly maps
+ex_size, ex_defects = 64, ("crack", "stain", None)
+noise_rng = np.random.default_rng(3)
+ex_images, ex_masks, ex_maps = [], [], []
+for i, defect in enumerate(ex_defects):
+    _, img, m = render_sample("washer", defect, seed=0, index=i, size=ex_size)
+    noise = ndimage.gaussian_filter(noise_rng.normal(size=m.shape), 1.5)
+    ex_images.append(img)
+    ex_masks.append(m.astype(int))
+    ex_maps.append(np.round(ndimage.gaussian_filter(m.astype(float), 2.0) + noise, 2))
+ex_masks, ex_maps = np.stack(ex_masks), np.stack(ex_maps)
+y_ex, a_ex = ex_masks.ravel(), ex_maps.ravel()
+
+thresholds = np.unique(a_ex)[::-1]  # high to low: one curve point per distinct score
+tp = np.array([((a_ex >= t) & (y_ex == 1)).sum() for t in thresholds])
+fp = np.array([((a_ex >= t) & (y_ex == 0)).sum() for t in thresholds])
+tpr, fpr_roc = np.append(0, tp / y_ex.sum()), np.append(0, fp / (y_ex == 0).sum())
+precision, recall = tp / (tp + fp), tp / y_ex.sum()
+fpr_pro, pro_ex = M.pro_curve(ex_masks, ex_maps)
+
+# the areas under the curves are the package's metrics
+npt.assert_allclose(np.trapezoid(tpr, fpr_roc), M.pixel_auroc(ex_masks, ex_maps), rtol=1e-12)
+npt.assert_allclose(np.sum(np.diff(np.append(0, recall)) * precision), M.pixel_ap(ex_masks, ex_maps), rtol=1e-12)
+keep = fpr_pro <= 0.3
+x_pro = np.append(fpr_pro[keep], 0.3)
+y_pro = np.append(pro_ex[keep], np.interp(0.3, fpr_pro, pro_ex))
+npt.assert_allclose(np.trapezoid(y_pro, x_pro) / 0.3, M.aupro(ex_masks, ex_maps), rtol=1e-12)
+region_sizes = [int(m.sum()) for m in ex_masks[:2]]  # one region per defective image
+assert [ndimage.label(m, structure=np.ones((3, 3)))[1] for m in ex_masks] == [1, 1, 0]
+print(f"{len(thresholds)} distinct scores, {y_ex.sum()} defect pixels of {y_ex.size} "
+      f"({y_ex.mean():.1%}); region sizes: crack {region_sizes[0]}, stain {region_sizes[1]} pixels")
+print(f"pixel AUROC {M.pixel_auroc(ex_masks, ex_maps):.3f}   pixel AP {M.pixel_ap(ex_masks, ex_maps):.3f}   "
+      f"AUPRO {M.aupro(ex_masks, ex_maps):.3f}")
+# the claims of the text below
+above_normal_peak = (ex_maps[:2][ex_masks[:2] == 1] <= ex_maps[2].max()).mean()
+print(f"{above_normal_peak:.0%} of the defect pixels score at most the normal image's highest score")
+assert M.pixel_ap(ex_masks, ex_maps) < M.pixel_auroc(ex_masks, ex_maps) / 2 and above_normal_peak > 0
+assert region_sizes[0] > region_sizes[1]
+
+fig, axes = plt.subplots(2, 3, figsize=(9.5, 6.2))
+vmin, vmax = ex_maps.min(), ex_maps.max()
+for j, defect in enumerate(ex_defects):
+    ax = axes[0, j]
+    im = ax.imshow(ex_maps[j], cmap=CMAP, vmin=vmin, vmax=vmax)
+    if ex_masks[j].any():
+        ax.contour(ex_masks[j], levels=[0.5], colors="cyan", linewidths=0.8)
+    ax.set_title(f"map: {defect or 'normal'} (mask in cyan)")
+    ax.axis("off")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="anomaly score")
+axes[1, 0].plot(fpr_roc, tpr)
+axes[1, 0].plot([0, 1], [0, 1], "k:", label="chance")
+axes[1, 0].set(xlabel="FPR", ylabel="TPR", title=f"ROC: area {M.pixel_auroc(ex_masks, ex_maps):.3f}")
+axes[1, 1].step(recall, precision, where="post")
+axes[1, 1].axhline(y_ex.mean(), color="k", ls=":", label="chance")
+axes[1, 1].set(xlabel="recall", ylabel="precision", title=f"precision-recall: AP {M.pixel_ap(ex_masks, ex_maps):.3f}")
+axes[1, 2].plot(fpr_pro, pro_ex)
+axes[1, 2].axvspan(0, 0.3, color="0.9", label="FPR $\\leq$ 0.3")
+axes[1, 2].set(xlabel="FPR", ylabel="PRO", title=f"PRO: AUPRO {M.aupro(ex_masks, ex_maps):.3f}")
+for ax, where in zip(axes[1], ("lower right", "upper right", "lower right")):
+    ax.set(xlim=(0, 1), ylim=(0, 1.02))
+    ax.legend(loc=where)
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
+# Read the three lower panels together. The ROC curve is far above the diagonal: most defect pixels
+# outrank most normal pixels. The precision-recall curve stays low: the defect pixels are a small
+# fraction of all pixels, the noise of the normal image reaches above part of them (the fraction
+# printed above), and each of the many normal pixels above a threshold costs precision. Pixel AP is
+# therefore less than half the pixel AUROC of the same map. The PRO curve averages the two regions, so
+# the smaller stain weighs as much as the larger crack (the sizes are printed above); only the grey
+# band counts for AUPRO.
+
+# %% [markdown]
 # ## Summary: what each number answers
 #
 # | metric | level | question it answers | chance |
