@@ -228,7 +228,7 @@ assert to_clean["RIAD"] < 0.25 * to_clean["plain autoencoder"]
 fig, axes = plt.subplots(1, 5, figsize=(12, 2.7))
 error_max = max(float((r - with_defect).abs().max()) for r in recon_tiny.values())
 axes[0].imshow(with_defect[0, 0], cmap="gray", vmin=0, vmax=1)
-axes[0].set_title("test image (defect in the centre cell)", fontsize=9)
+axes[0].set_title("test image (defect: cell 8-15)", fontsize=9)
 for j, (name, r) in enumerate(recon_tiny.items()):
     axes[1 + 2 * j].imshow(r[0, 0], cmap="gray", vmin=0, vmax=1)
     axes[1 + 2 * j].set_title(f"{name}: output", fontsize=9)
