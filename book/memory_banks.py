@@ -286,10 +286,11 @@ plt.show()
 root = generate(Path(tempfile.gettempdir()) / "vadlab_memory_banks", seed=0, categories=["brick"], n_train=40, n_test=24, size=128)
 train = make_loader(MVTecDataset(root, "brick", "train", 128), batch_size=8)
 test = next(iter(make_loader(MVTecDataset(root, "brick", "test", 128), batch_size=24)))
-results = {}
+results, models = {}, {}
 for name, model in [("PatchCore", PatchCore()), ("semi-orthogonal", SemiOrthogonal())]:
     t0 = time.perf_counter()
     model.fit(train)
+    models[name] = model
     scores, maps = model.predict(test["image"])
     results[name] = maps
     print(f"{name:16s} fit+predict {time.perf_counter() - t0:5.1f} s   image AUROC "
@@ -310,6 +311,99 @@ for ax in axes.flat:
     ax.set_yticks([])
 plt.tight_layout()
 plt.show()
+
+# %% [markdown]
+# **What the PatchCore map measures.** The map at a patch is the distance from its feature to the
+# nearest feature of the memory bank, and the bank's rows are patches of the training images (the
+# coreset *selects* rows, it never averages them). So every value of the map points at one patch of one
+# normal training image: the most similar normal patch there is. Take the first defective image of the
+# figure, the patch inside its defect with the largest distance, and a patch far from the defect: for each,
+# the nearest row of the bank (checked against a brute-force search) and where it comes from.
+
+# %%
+from vadlab.backbones import upsample_to  # noqa: E402
+from vadlab.nn.coreset import nearest_neighbours  # noqa: E402
+from vadlab.nn.filters import gaussian_blur, sigma_for  # noqa: E402
+
+patchcore = models["PatchCore"]
+bank = patchcore.memory_bank
+i_def = defective[0]
+feats = patchcore.embed(test["image"][i_def:i_def + 1])  # [1, D, h, w]
+_, dim, h_grid, w_grid = feats.shape
+queries = feats[0].permute(1, 2, 0).reshape(-1, dim)
+nn_dist, nn_index = (v[:, 0] for v in nearest_neighbours(queries, bank, k=1))
+brute = torch.cdist(queries.double(), bank.double())  # the definition: distance to every bank row
+torch.testing.assert_close(nn_dist.double(), brute.min(1).values, rtol=1e-4, atol=1e-4)
+torch.testing.assert_close(brute[torch.arange(len(queries)), nn_index], brute.min(1).values, rtol=1e-4, atol=1e-4)
+# the map PatchCore returned is this distance, upsampled and smoothed
+rebuilt = gaussian_blur(upsample_to(nn_dist.reshape(1, h_grid, w_grid), (128, 128)), sigma_for(patchcore.config.sigma, 128))
+torch.testing.assert_close(rebuilt[0], results["PatchCore"][i_def], rtol=1e-4, atol=1e-4)
+
+cell_px = 128 // h_grid  # pixels per grid cell
+on_defect = torch.nn.functional.adaptive_max_pool2d(test["mask"][i_def:i_def + 1].float(), (h_grid, w_grid))[0, 0] > 0
+far = torch.nn.functional.max_pool2d(on_defect[None, None].float(), 7, stride=1, padding=3)[0, 0] == 0
+dist_grid = nn_dist.reshape(h_grid, w_grid)
+defect_cell = int(torch.where(on_defect.flatten(), nn_dist, -torch.inf).argmax())
+far_cells = torch.nonzero(far.flatten())[:, 0]
+normal_cell = int(far_cells[nn_dist[far_cells].argsort()[len(far_cells) // 2]])  # a typical distance, far away
+
+# where the nearest bank rows come from: the training patch with the identical feature
+train_feats = torch.cat([patchcore.embed(batch["image"]).permute(0, 2, 3, 1).reshape(-1, dim) for batch in train])
+origin = {}
+for name, cell in (("defect", defect_cell), ("normal", normal_cell)):
+    gap, row = torch.cdist(bank[nn_index[cell]][None], train_feats)[0].min(0)
+    # the bank row is a training patch, copied unchanged (up to float rounding of the features)
+    assert float(gap) < 1e-3 * float(bank[nn_index[cell]].norm())
+    image_no, rest = divmod(int(row), h_grid * w_grid)
+    origin[name] = (image_no, *divmod(rest, w_grid))
+    print(f"{name} patch at grid cell {divmod(cell, w_grid)}: distance to the nearest bank patch "
+          f"{float(nn_dist[cell]):.3f}; that patch is cell {origin[name][1:]} of training image {image_no}")
+normal_images_in_batch = [i for i in range(len(test["label"])) if test["label"][i] == 0]
+normal_max = float(results["PatchCore"][normal_images_in_batch].amax())
+print(f"smoothed map: defect patch's image max {float(results['PatchCore'][i_def].amax()):.3f}, "
+      f"largest value on the {len(normal_images_in_batch)} normal test images {normal_max:.3f}")
+assert float(nn_dist[defect_cell]) > 1.5 * float(nn_dist[normal_cell])
+assert float(results["PatchCore"][i_def].amax()) > normal_max
+
+train_images = torch.cat([batch["image"] for batch in train])
+
+
+def crop(image: torch.Tensor, r: int, c: int) -> np.ndarray:
+    """The 3 x 3 cells around grid cell (r, c): the neighbourhood the patch feature aggregates."""
+    top, left = max(0, (r - 1) * cell_px), max(0, (c - 1) * cell_px)
+    return image[:, top:top + 3 * cell_px, left:left + 3 * cell_px].permute(1, 2, 0).numpy()
+
+
+fig, axes = plt.subplots(1, 6, figsize=(13, 2.6))
+axes[0].imshow(test["image"][i_def].permute(1, 2, 0))
+axes[0].set_title("test image", fontsize=9)
+im = axes[1].imshow(dist_grid, cmap="magma")
+axes[1].set_title("distance to nearest bank patch", fontsize=9)
+fig.colorbar(im, ax=axes[1], fraction=0.046, pad=0.04)
+for (name, cell), colour in zip((("defect", defect_cell), ("normal", normal_cell)), ("red", "lime")):
+    r, c = divmod(cell, w_grid)
+    axes[0].add_patch(plt.Rectangle(((c - 1) * cell_px, (r - 1) * cell_px), 3 * cell_px, 3 * cell_px, fill=False,
+                                    ec=colour, lw=1.5))
+    axes[1].plot(c, r, "s", mfc="none", mec=colour, ms=8)
+for j, (name, cell) in enumerate((("defect", defect_cell), ("normal", normal_cell))):
+    image_no, r0, c0 = origin[name]
+    axes[2 + 2 * j].imshow(crop(test["image"][i_def], *divmod(cell, w_grid)))
+    axes[2 + 2 * j].set_title(f"{name} patch (d = {float(nn_dist[cell]):.2f})", fontsize=9)
+    axes[3 + 2 * j].imshow(crop(train_images[image_no], r0, c0))
+    axes[3 + 2 * j].set_title(f"its nearest: training image {image_no}", fontsize=9)
+for ax in axes:
+    ax.set_xticks([])
+    ax.set_yticks([])
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# The normal patch finds a close match: the training images hold patches of the same brick texture. The
+# defect patch also gets a nearest neighbour, because there always is one, but it is much farther away:
+# no training image contains the defect, so the best the bank offers is a normal patch that merely looks
+# most like it. That distance is the anomaly score, and it is large exactly where the image holds
+# something the training set never showed. On this batch the maximum of the defective image's map is
+# above every value of the normal test images' maps (both printed above).
 
 # %% [markdown]
 # ## 7. Speed and accuracy: coreset size, and vadlab against anomalib
