@@ -182,7 +182,8 @@ def autoencode(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return (net(x * 2 - 1) + 1) / 2
 
 
-riad_tiny.net.eval(), plain.net.eval()
+riad_tiny.net.eval()
+plain.net.eval()
 grads = {}
 for name, reconstruct in (("RIAD", lambda x: riad_tiny.inpaint(x, test_masks)),
                           ("plain autoencoder", lambda x: autoencode(plain.net, x))):
