@@ -36,7 +36,7 @@ from pathlib import Path
 import pandas as pd
 
 from vadlab.data import check_dataset
-from vadlab.evaluate import run_parallel, run_unified
+from vadlab.evaluate import run_parallel, run_unified, write_json
 from vadlab.methods import run_settings
 
 check_dataset(data["root"], data["categories"], data["name"])  # clear error (and how to get it) if absent

@@ -41,16 +41,17 @@ def repo(tmp_path_factory):
     repo = tmp_path_factory.mktemp("dvc") / "repo"
     shutil.copytree(ROOT / "src" / "vadlab", repo / "src" / "vadlab",
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    for name in ("pipeline/evaluate.py", "pipeline/curves.py", "pipeline/dvc_plots/offline.html", ".gitignore"):
+    for name in ("pipeline/evaluate.py", "pipeline/unified.py", "pipeline/curves.py", "pipeline/dvc_plots/offline.html",
+                 ".gitignore"):
         (repo / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / name, repo / name)
     dvc_yaml = yaml.safe_load((ROOT / "dvc.yaml").read_text())
-    stages = {k: dvc_yaml["stages"][k] for k in ("evaluate", "curves")}
+    stages = {k: dvc_yaml["stages"][k] for k in ("evaluate", "unified", "curves")}
     stages["curves"]["deps"].remove("results/elpv")  # the real cells are not part of this tiny pipeline
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages, "plots": dvc_yaml["plots"]}, sort_keys=False))
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params.update(data={"name": "tiny", "root": "inputs/tiny", "categories": list(CATEGORIES)}, elpv=None,
-                  run_methods=["padim", "ae_ssim"], unified_methods=[], jobs=1, n_seeds=1,
+                  run_methods=["padim", "ae_ssim"], unified_methods=["padim"], jobs=1, n_seeds=1,
                   methods={"padim": {"image_size": 32, "preset": "paper", "set": {"n_features": 16, "ridge": 0.01}},
                            # a trained method, for the training curves: a few epochs of a small autoencoder
                            "ae_ssim": {"image_size": 32, "preset": "paper",
@@ -69,7 +70,8 @@ def repo(tmp_path_factory):
 
 def test_metric_files_are_tracked_by_git_and_shown(repo):
     tracked = _run(repo, "git", "ls-files", "results").split()
-    assert tracked == ["results/tiny/metrics/ae_ssim.json", METRIC_FILE]  # not the predictions, maps, curves
+    assert tracked == ["results/tiny/metrics/ae_ssim.json", METRIC_FILE,  # not the predictions, maps, curves
+                       "results/tiny/metrics/unified-padim.json"]
     shown = json.loads(_run(repo, "dvc", "metrics", "show", "--json"))
     values = shown[""]["data"][METRIC_FILE]["data"]
     for category in CATEGORIES:
@@ -116,7 +118,7 @@ def test_plots_render_offline_with_every_curve(repo):
         assert f"results/plots/tiny/{kind}.csv" in page
     plots = repo / "results" / "plots" / "tiny"
     roc = (plots / "image_roc.csv").read_text().splitlines()
-    assert roc[0] == "run,fpr,tpr" and len(roc) == 1 + 2 * 101 and roc[1].startswith("padim,0.0,")
+    assert roc[0] == "run,fpr,tpr" and len(roc) == 1 + 3 * 101 and roc[1].startswith("padim,0.0,")
     training = (plots / "training.csv").read_text().splitlines()
     assert training[0] == "run,category,step,loss"
     assert {line.split(",")[:3][0] for line in training[1:]} == {"ae_ssim"}  # PaDiM does not train
