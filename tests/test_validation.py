@@ -104,7 +104,7 @@ def test_out_that_is_a_file_is_refused_before_any_work(root, tmp_path, capsys, n
     _one_line_error(capsys, "is a folder")
 
 
-def test_read_only_out_is_refused_before_any_work(root, tmp_path, capsys, no_work):
+def test_read_only_out_is_refused_before_any_work(root, tmp_path, capsys, no_work, monkeypatch):
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o500)
@@ -113,9 +113,22 @@ def test_read_only_out_is_refused_before_any_work(root, tmp_path, capsys, no_wor
         try:
             probe.write_text("x")
             probe.unlink()
-            pytest.skip("running as root: permission bits do not stop writes")
         except PermissionError:
             pass
+        else:  # root ignores permission bits: make the folder refuse writes as a read-only mount does
+            import tempfile
+            from pathlib import Path
+
+            from vadlab import fileio
+
+            real = tempfile.TemporaryFile
+
+            def refuse(*args, dir=None, **kwargs):
+                if dir is not None and Path(dir) == locked:
+                    raise PermissionError(13, "Permission denied")
+                return real(*args, dir=dir, **kwargs)
+
+            monkeypatch.setattr(fileio.tempfile, "TemporaryFile", refuse)
         assert main(["evaluate", "padim", "--data", str(root), "--category", "brick",
                      "--out", str(locked / "run")]) == 2
         _one_line_error(capsys, "locked")
