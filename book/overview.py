@@ -41,28 +41,21 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from vadlab.methods import available_methods, get_method
+from vadlab.report import FAMILIES
 
 plt.rcParams.update({"figure.dpi": 90, "font.size": 9})
 
 # %% [markdown]
 # ## The families
 #
-# The table below is the book's classification; the two columns on the right are **read from the
-# package**: whether the method's configuration has a training length (epochs or steps), and whether its
-# default configuration uses a pretrained backbone. The cell checks that the classification agrees with
+# The table below is the book's classification (`vadlab.report.FAMILIES`, which the Results chapter's
+# synthesis also uses); the two columns on the right are **read from the package**: whether the method's
+# configuration has a training length (epochs or steps), and whether its default configuration uses a
+# pretrained backbone. The cell checks that the classification agrees with
 # the code, so a method that starts training or drops its backbone fails the build of this page.
 
 # %%
-FAMILIES = {  # family: (methods, chapter)
-    "density on pretrained features": (["padim", "semi_orthogonal"], "padim"),
-    "memory bank": (["patchcore"], "memory_banks"),
-    "normalizing flow": (["cflow", "pyramidflow"], "normalizing_flows"),
-    "reconstruction": (["ae_ssim", "riad", "favae"], "reconstruction"),
-    "distillation": (["mkd"], "distillation"),
-    "deformation": (["dmad"], "dmad"),
-    "diffusion": (["diad"], "diffusion"),
-}
-family_of = {m: f for f, (ms, _) in FAMILIES.items() for m in ms}
+family_of = {m: f for f, ms in FAMILIES.items() for m in ms}
 assert set(family_of) == set(available_methods()), set(available_methods()) ^ set(family_of)
 
 

@@ -365,6 +365,28 @@ for name in ("maps_grid.png", "score_histograms.png", "graded.png"):
         display(Image(filename=str(figure)))
 
 # %% [markdown]
+# ## Synthesis
+#
+# What the tables on this page say, family by family (the families of {doc}`overview`). Every sentence
+# below is computed from the pipeline's tables when the page is built
+# ({py:func}`vadlab.report.synthesis`), so it stays true after the next `dvc repro`; read it with the
+# caveat at the top of the page: these are small-CPU presets.
+
+# %%
+_summary_path = pipeline_file("tables/summary.csv")
+if _summary_path is not None:
+    from vadlab.report import synthesis
+
+    _summary = pd.read_csv(_summary_path).set_index("method")
+    _unified_path = pipeline_file("tables/unified_vs_per_category.csv")
+    _elpv_path = pipeline_file("elpv_report/tables/summary.csv", RESULTS)
+    _sentences = synthesis(
+        _summary, _summary["implementation"].to_dict(),
+        elpv=pd.read_csv(_elpv_path).set_index("method") if _elpv_path is not None else None,
+        unified=pd.read_csv(_unified_path).set_index("method") if _unified_path is not None else None)
+    display(Markdown("\n".join(f"- {s}" for s in _sentences)))
+
+# %% [markdown]
 # ## Reproduce or change a result
 #
 # ```bash
