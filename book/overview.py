@@ -48,8 +48,8 @@ plt.rcParams.update({"figure.dpi": 90, "font.size": 9})
 # %% [markdown]
 # ## The families
 #
-# The table below is the book's classification (`vadlab.report.FAMILIES`, which the synthesis of {doc}`results`
-# synthesis also uses); the two columns on the right are **read from the package**: whether the method's
+# The table below is the book's classification (`vadlab.report.FAMILIES`, which the synthesis of
+# {doc}`results` also uses); the two columns on the right are **read from the package**: whether the method's
 # configuration has a training length (epochs or steps), and whether its default configuration uses a
 # pretrained backbone. The cell checks that the classification agrees with
 # the code, so a method that starts training or drops its backbone fails the build of this page.
