@@ -41,6 +41,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from vadlab import metrics as M
 from vadlab.data import DEFECT_KINDS, SYNTH_CATEGORIES, render_sample
+from vadlab.visualize import CMAP
 
 plt.rcParams.update({"figure.dpi": 90, "font.size": 9})
 
@@ -327,7 +328,6 @@ print("vadlab.metrics.aupro agrees with the brute-force definition")
 # $0.3$, its AUPRO.
 
 # %%
-CMAP = "magma"  # the one colormap of this chapter's anomaly maps
 ex_size, ex_defects = 64, ("crack", "stain", None)
 noise_rng = np.random.default_rng(3)
 ex_images, ex_masks, ex_maps = [], [], []

@@ -38,6 +38,7 @@ import numpy.testing as npt
 import torch
 
 from vadlab.nn.diffusion import NoiseSchedule
+from vadlab.visualize import CMAP
 
 plt.rcParams.update({"figure.dpi": 90, "font.size": 9})
 torch.set_num_threads(1)
@@ -327,10 +328,12 @@ for r, (name, ims) in enumerate(rows):
     for c in range(4):
         ax[r, c].imshow(ims[c].permute(1, 2, 0).numpy())
     ax[r, 0].set_ylabel(name)
+lo, hi = float(maps.min()), float(maps.max())
 for c in range(4):
-    ax[4, c].imshow(maps[c].numpy(), cmap="inferno")
+    shown = ax[4, c].imshow(maps[c].numpy(), cmap=CMAP, vmin=lo, vmax=hi)
     ax[5, c].imshow(masks[c, 0].numpy(), cmap="gray")
 ax[4, 0].set_ylabel("DiAD map")
+fig.colorbar(shown, ax=ax[4, :].tolist(), fraction=0.02, pad=0.01)
 ax[5, 0].set_ylabel("defect mask")
 for a in ax.flat:
     a.set_xticks([])

@@ -38,6 +38,7 @@ from torch import nn
 
 from vadlab.methods.favae import kl_divergence
 from vadlab.methods.mkd import MKD
+from vadlab.visualize import CMAP
 
 torch.manual_seed(0)
 
@@ -175,7 +176,9 @@ _, disc_maps = model.predict(defective["image"][None])
 fig, axes = plt.subplots(1, 4, figsize=(10, 2.7))
 for ax, (img, title) in zip(axes, [(defective["image"].permute(1, 2, 0), "image"), (grad_maps[0], "|dL/dx| (paper)"),
                                    (disc_maps[0], "discrepancy (cheap)"), (defective["mask"][0], "ground truth")]):
-    ax.imshow(img, cmap=None if title == "image" else ("gray" if title == "ground truth" else "inferno"))
+    shown = ax.imshow(img, cmap=None if title == "image" else ("gray" if title == "ground truth" else CMAP))
+    if "dL" in title or "discrepancy" in title:
+        fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
     ax.set_title(title, fontsize=9)
     ax.axis("off")
 plt.tight_layout()

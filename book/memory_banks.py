@@ -41,6 +41,7 @@ from vadlab.methods.patchcore import PatchCore, reweighted_score
 from vadlab.methods.semi_orthogonal import SemiOrthogonal, semi_orthogonal_matrix
 from vadlab.metrics import image_auroc, pixel_auroc
 from vadlab.nn.coreset import covering_radius, greedy_coreset, jl_min_dim, random_projection
+from vadlab.visualize import CMAP
 
 torch.manual_seed(0)
 rng = np.random.default_rng(0)
@@ -298,12 +299,15 @@ for name, model in [("PatchCore", PatchCore()), ("semi-orthogonal", SemiOrthogon
           f"{pixel_auroc(test['mask'][:, 0].numpy(), maps.numpy()):.3f}")
 
 defective = [i for i in range(24) if test["label"][i] == 1][:4]
+scale = {name: np.percentile(maps[defective].numpy(), [1, 99.9]) for name, maps in results.items()}  # per method
 fig, axes = plt.subplots(4, 4, figsize=(8, 8))
 for col, i in enumerate(defective):
     axes[0, col].imshow(test["image"][i].permute(1, 2, 0))
     axes[1, col].imshow(test["mask"][i, 0], cmap="gray")
-    axes[2, col].imshow(results["PatchCore"][i], cmap="jet")
-    axes[3, col].imshow(results["semi-orthogonal"][i], cmap="jet")
+    for row, name in ((2, "PatchCore"), (3, "semi-orthogonal")):
+        shown = axes[row, col].imshow(results[name][i], cmap=CMAP, vmin=scale[name][0], vmax=scale[name][1])
+        if col == len(defective) - 1:
+            fig.colorbar(shown, ax=axes[row, :].tolist(), fraction=0.02, pad=0.01, label="score")
 for row, label in enumerate(["image", "ground truth", "PatchCore", "semi-orthogonal"]):
     axes[row, 0].set_ylabel(label)
 for ax in axes.flat:

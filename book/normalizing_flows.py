@@ -47,6 +47,7 @@ from vadlab.metrics import image_auroc, pixel_auroc
 from vadlab.nn.flows import (ActNorm, AffineCoupling, FixedPermutation, InvertibleConv1x1, SequentialFlow,
                              jacobian_logdet, positional_encoding_2d, standard_normal_logprob)
 from vadlab.nn.gaussian import PositionalGaussian
+from vadlab.visualize import CMAP
 
 torch.manual_seed(0)
 plt.rcParams.update({"figure.dpi": 90, "font.size": 9})
@@ -375,13 +376,14 @@ assert pixel_auroc(test_m, results["CFLOW-AD"][1]) > 0.85 and pixel_auroc(test_m
 # %%
 show = [10, 12, 14, 16, 0]
 fig, axes = plt.subplots(3, len(show), figsize=(2.0 * len(show), 6.2))
+shown = {}
 for k, i in enumerate(show):
     axes[0, k].imshow(test_x[i].permute(1, 2, 0))
     axes[0, k].set_title("normal" if test_y[i] == 0 else f"defect #{i}")
     for row, (name, (s, m)) in enumerate(results.items(), start=1):
         lo, hi = np.percentile(m.numpy(), [1, 99.9])
         axes[row, k].imshow(test_x[i].permute(1, 2, 0))
-        axes[row, k].imshow(m[i], cmap="jet", alpha=0.5, vmin=lo, vmax=hi)
+        shown[name] = axes[row, k].imshow(m[i], cmap=CMAP, alpha=0.5, vmin=lo, vmax=hi)
         if test_m[i].any():
             axes[row, k].contour(test_m[i], levels=[0.5], colors="w", linewidths=0.7)
         axes[row, k].set_title(f"{name} {s[i]:.2f}", fontsize=8)
@@ -389,6 +391,8 @@ for ax in axes.ravel():
     ax.axis("off")
 fig.suptitle("anomaly maps (ground truth outlined in white)")
 fig.tight_layout()
+for row, name in enumerate(results, start=1):  # one colour scale per method
+    fig.colorbar(shown[name], ax=axes[row, :].tolist(), fraction=0.02, pad=0.01, label=f"{name} score")
 plt.show()
 
 # %% [markdown]

@@ -41,6 +41,7 @@ from vadlab.methods import get_method
 from vadlab.methods.padim import Padim, PadimConfig
 from vadlab.metrics import image_auroc, pixel_auroc
 from vadlab.nn.gaussian import PositionalGaussian, multiscale_embedding
+from vadlab.visualize import CMAP
 
 torch.manual_seed(0)
 plt.rcParams.update({"figure.dpi": 90, "font.size": 9})
@@ -294,7 +295,7 @@ for k, i in enumerate(show):
     axes[0, k].imshow(test_x[i].permute(1, 2, 0))
     axes[0, k].set_title("normal" if test_y[i] == 0 else f"defect #{i}")
     axes[1, k].imshow(test_x[i].permute(1, 2, 0))
-    axes[1, k].imshow(maps[i], cmap="jet", alpha=0.5, vmin=lo, vmax=hi)
+    shown = axes[1, k].imshow(maps[i], cmap=CMAP, alpha=0.5, vmin=lo, vmax=hi)
     if test_m[i].any():
         axes[1, k].contour(test_m[i], levels=[0.5], colors="w", linewidths=0.7)
     axes[1, k].set_title(f"score {scores[i]:.1f}")
@@ -302,6 +303,7 @@ for ax in axes.ravel():
     ax.axis("off")
 fig.suptitle("PaDiM anomaly maps (ground truth outlined in white)")
 fig.tight_layout()
+fig.colorbar(shown, ax=axes[1, :].tolist(), fraction=0.02, pad=0.01, label="anomaly score")
 plt.show()
 
 # %% [markdown]

@@ -36,6 +36,7 @@ import torch
 from skimage.metrics import structural_similarity
 
 from vadlab.nn.similarity import gms_map, msgms_loss, ssim, ssim_map
+from vadlab.visualize import CMAP
 
 torch.manual_seed(0)
 
@@ -233,7 +234,7 @@ axes[0].set_title("test image (defect: cell 8-15)", fontsize=9)
 for j, (name, r) in enumerate(recon_tiny.items()):
     axes[1 + 2 * j].imshow(r[0, 0], cmap="gray", vmin=0, vmax=1)
     axes[1 + 2 * j].set_title(f"{name}: output", fontsize=9)
-    im = axes[2 + 2 * j].imshow((r - with_defect).abs().mean(1)[0], cmap="inferno", vmin=0, vmax=error_max)
+    im = axes[2 + 2 * j].imshow((r - with_defect).abs().mean(1)[0], cmap=CMAP, vmin=0, vmax=error_max)
     axes[2 + 2 * j].set_title(f"{name}: |error|", fontsize=9)
     fig.colorbar(im, ax=axes[2 + 2 * j], fraction=0.046, pad=0.04)
 for ax in axes:
@@ -277,7 +278,7 @@ panels = [(image[0], "image"), (image[0] * masks[0], f"$x \\odot M_1$ (k={k})"),
           (None, "MSGMS map"), (defective["mask"], "ground truth")]
 for ax, (img, title) in zip(axes, panels):
     if title == "MSGMS map":
-        ax.imshow(maps[0], cmap="inferno")
+        fig.colorbar(ax.imshow(maps[0], cmap=CMAP), ax=ax, fraction=0.046, pad=0.02)
     elif title == "ground truth":
         ax.imshow(img[0], cmap="gray")
     else:

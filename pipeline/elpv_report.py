@@ -39,6 +39,7 @@ from PIL import Image
 from scipy.stats import spearmanr
 
 from vadlab.evaluate import write_json
+from vadlab.visualize import CMAP
 
 root = Path(results_root)
 tables, figures = root / "elpv_report" / "tables", root / "elpv_report" / "figures"
@@ -169,7 +170,7 @@ for col, run in enumerate(runs, start=1):
         maps = p["maps"].astype(np.float32)
         lo, hi = np.percentile(maps, [1, 99.9])
         axes[row, col].imshow(picture(path, maps.shape[1:]))
-        axes[row, col].imshow(maps[i], cmap="jet", alpha=0.5, vmin=lo, vmax=hi)
+        axes[row, col].imshow(maps[i], cmap=CMAP, alpha=0.5, vmin=lo, vmax=hi)
 for row, (c, path, label) in enumerate(picks):
     axes[row, 0].imshow(picture(path, (300, 300)))
     axes[row, 0].set_ylabel(f"{c}\n{label}", fontsize=7)

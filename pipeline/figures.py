@@ -41,6 +41,8 @@ import seaborn as sns
 from PIL import Image
 from sklearn.metrics import roc_curve
 
+from vadlab.visualize import CMAP
+
 root = Path(results_root)
 out = root / "figures"
 out.mkdir(parents=True, exist_ok=True)
@@ -86,7 +88,7 @@ for col, (run, unified) in enumerate(columns, start=1):
         lo, hi = np.percentile(maps, [1, 99.9])
         ax = axes[row, col]
         ax.imshow(picture(path, maps.shape[1:]))
-        ax.imshow(maps[i], cmap="jet", alpha=0.5, vmin=lo, vmax=hi)
+        ax.imshow(maps[i], cmap=CMAP, alpha=0.5, vmin=lo, vmax=hi)
         if p["masks"][i].any():
             ax.contour(p["masks"][i], levels=[0.5], colors="w", linewidths=0.5)
 for row, (c, path) in enumerate(picks):
@@ -170,7 +172,7 @@ for method in run_methods:
             a0, a1 = axes[r, 2 * k], axes[r, 2 * k + 1]
             a0.imshow(img)
             a1.imshow(img)
-            a1.imshow(maps[i], cmap="jet", alpha=0.5, vmin=lo, vmax=hi)
+            a1.imshow(maps[i], cmap=CMAP, alpha=0.5, vmin=lo, vmax=hi)
             if p["masks"][i].any():
                 for a in (a0, a1):
                     a.contour(p["masks"][i], levels=[0.5], colors="w", linewidths=0.6)

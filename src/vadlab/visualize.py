@@ -9,6 +9,10 @@ import numpy as np
 
 from vadlab.fileio import atomic_path
 
+#: the one colormap of every anomaly map in the package, the pipeline's figures and the book (perceptually
+#: uniform, readable in grey scale; ``jet`` is neither)
+CMAP = "magma"
+
 
 def overlay(image: np.ndarray, amap: np.ndarray, vmin: float, vmax: float, mask: np.ndarray | None = None,
             alpha: float = 0.5) -> np.ndarray:
@@ -16,7 +20,7 @@ def overlay(image: np.ndarray, amap: np.ndarray, vmin: float, vmax: float, mask:
     from matplotlib import colormaps
     from scipy import ndimage
 
-    heat = colormaps["jet"](np.clip((amap - vmin) / max(vmax - vmin, 1e-12), 0, 1))[..., :3]
+    heat = colormaps[CMAP](np.clip((amap - vmin) / max(vmax - vmin, 1e-12), 0, 1))[..., :3]
     out = (1 - alpha) * image + alpha * heat
     if mask is not None and mask.any():
         edge = mask.astype(bool) & ~ndimage.binary_erosion(mask.astype(bool))
@@ -61,7 +65,7 @@ def save_heatmap(path: Path, image: np.ndarray, amap: np.ndarray, score: float, 
     left.imshow(image)
     left.set_title(title, fontsize=9)
     right.imshow(image)
-    shown = right.imshow(amap, cmap="jet", alpha=0.5, vmin=vmin, vmax=vmax)
+    shown = right.imshow(amap, cmap=CMAP, alpha=0.5, vmin=vmin, vmax=vmax)
     fig.colorbar(shown, ax=right, fraction=0.046, label="anomaly score")
     verdict = "" if threshold is None else (f" > threshold {threshold:.4g}: anomalous" if score > threshold
                                             else f" <= threshold {threshold:.4g}: normal")
