@@ -38,10 +38,29 @@ import numpy.testing as npt
 import torch
 
 from vadlab.nn.diffusion import NoiseSchedule
-from vadlab.visualize import CMAP
+from vadlab.visualize import CMAP, schematic
 
 plt.rcParams.update({"figure.dpi": 90, "font.size": 9})
 torch.set_num_threads(1)
+
+# %% [markdown]
+# ## At a glance
+#
+# DiAD reconstructs the test image with a latent diffusion model that is steered by the image itself, then
+# compares input and reconstruction in the features of a frozen pretrained network.
+
+# %%
+schematic({
+    "x": (0, 0, "image $x$", "data"),
+    "enc": (1, 0, "autoencoder\nencoder $E$", "trained"),
+    "noise": (2, 0, "noise the latent\nto step $t$", "data"),
+    "unet": (3, 0, "latent denoiser\n(DDIM, 10 steps)", "trained"),
+    "sg": (3, 1, "semantic guidance (SG)\nnetwork, input: $x$", "trained"),
+    "dec": (4, 0, "decoder $D$:\nreconstruction $\\hat x$", "trained"),
+    "map": (4, 1, "$1 - \\cos$ of frozen CNN\nfeatures of $x$, $\\hat x$: map", "score"),
+}, [("x", "enc"), ("enc", "noise", "$z$"), ("noise", "unet", "$z_t$"), ("sg", "unet"), ("unet", "dec"),
+    ("dec", "map")], title="DiAD")
+plt.show()
 
 # %% [markdown]
 # ## 1. The forward process and its closed form

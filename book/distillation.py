@@ -38,9 +38,37 @@ from torch import nn
 
 from vadlab.methods.favae import kl_divergence
 from vadlab.methods.mkd import MKD
-from vadlab.visualize import CMAP
+from vadlab.visualize import CMAP, schematic
 
 torch.manual_seed(0)
+
+# %% [markdown]
+# ## At a glance
+#
+# Both methods compare features of a frozen pretrained network with what a network trained on normal images
+# makes of the same input. FAVAE's decoder must produce the teacher's features from a compressed code; MKD's
+# student must produce them from the image itself.
+
+# %%
+fig, axes = plt.subplots(2, 1, figsize=(9, 4.6))
+schematic({
+    "x": (0, 0, "image $x$", "data"),
+    "enc": (1, 0, "VAE encoder\n$q(z \\mid x)$", "trained"),
+    "dec": (2, 0, "decoder: $\\hat x$ and\nactivations $A_l$", "trained"),
+    "teacher": (1, 1, "frozen CNN\nfeatures $T_l(x)$", "frozen"),
+    "map": (3, 0.5, "$\\|x - \\hat x\\|^2 + \\sum_l \\|A_l - T_l(x)\\|^2$\nmap; max: image score", "score"),
+}, [("x", "enc"), ("enc", "dec", "$z = \\mu$"), ("dec", "map"), ("x", "teacher"), ("teacher", "map")],
+    title="FAVAE", ax=axes[0])
+schematic({
+    "x": (0, 0.5, "image $x$", "data"),
+    "teacher": (1, 0, "teacher: frozen CNN\nlayers $T_l(x)$", "frozen"),
+    "student": (1, 1, "student: smaller CNN\n$C_l(x)$", "trained"),
+    "loss": (2, 0.5, "value + direction losses\n$\\mathcal{L}(x)$ = image score", "score"),
+    "map": (3, 0.5, "$|\\partial \\mathcal{L} / \\partial x|$\nanomaly map", "score"),
+}, [("x", "teacher"), ("x", "student"), ("teacher", "loss"), ("student", "loss"), ("loss", "map", "backprop")],
+    title="MKD", ax=axes[1])
+plt.tight_layout()
+plt.show()
 
 # %% [markdown]
 # ## The VAE evidence lower bound, checked where it is tight

@@ -43,8 +43,40 @@ import torch
 
 from vadlab.nn.vq import VectorQuantizer
 from vadlab.nn import warp as W
+from vadlab.visualize import schematic
 
 torch.manual_seed(0)
+
+# %% [markdown]
+# ## At a glance
+#
+# DMAD splits what a reconstruction model must explain into a deformation (how far the input had to be
+# warped towards the normal prototype) and a residual (what the warped image still fails to match). PDM+,
+# the seed's choice for industrial images, is drawn first; PPDM, the design of the official MVTec code, runs
+# the same deformation module in front of a frozen pretrained encoder and a reverse-distillation decoder.
+
+# %%
+fig, axes = plt.subplots(2, 1, figsize=(9, 4.6))
+schematic({
+    "x": (0, 0, "image $x$", "data"),
+    "pdm": (1, 0, "deformation estimator:\nfields $O_k$, inverse $O^T_k$", "trained"),
+    "warp": (2, 0, "$x' = x$ warped by\n$O_1 \\dots O_K$", "data"),
+    "ae": (3, 0, "encoder, VQ memory,\ndecoder: $\\hat x$", "trained"),
+    "df": (1, 1, "deformation magnitude\n$\\sum_k |O_k|$", "score"),
+    "rec": (3, 1, "$\\|x' - \\hat x\\|^2$ carried back\nby $O^T$; score = rec\n$+ \\alpha \\cdot$ deformation", "score"),
+}, [("x", "pdm"), ("pdm", "warp"), ("warp", "ae"), ("ae", "rec"), ("pdm", "df"), ("df", "rec")],
+    title="DMAD (PDM+)", ax=axes[0])
+schematic({
+    "x": (0, 0, "image $x$", "data"),
+    "pdm": (1, 0, "deformation module:\nwarp $x \\to x'$, inverse", "trained"),
+    "enc": (2, 0, "frozen pretrained\nencoder: features of $x'$", "frozen"),
+    "dec": (3, 0, "VQ of the deepest map,\nreverse-distillation\ndecoder", "trained"),
+    "df": (1, 1, "deformation\nmagnitude", "score"),
+    "map": (3, 1, "$1 - \\cos$ per layer, warped\nback: map; max + $w \\cdot$\nmax deformation: score", "score"),
+}, [("x", "pdm"), ("pdm", "enc", "$x'$"), ("enc", "dec"), ("dec", "map"), ("pdm", "df"), ("df", "map")],
+    title="DMAD (PPDM)", ax=axes[1])
+plt.tight_layout()
+plt.show()
 
 # %% [markdown]
 # ## Vector quantisation and the straight-through estimator

@@ -41,10 +41,39 @@ from vadlab.methods.patchcore import PatchCore, reweighted_score
 from vadlab.methods.semi_orthogonal import SemiOrthogonal, semi_orthogonal_matrix
 from vadlab.metrics import image_auroc, pixel_auroc
 from vadlab.nn.coreset import covering_radius, greedy_coreset, jl_min_dim, random_projection
-from vadlab.visualize import CMAP
+from vadlab.visualize import CMAP, schematic
 
 torch.manual_seed(0)
 rng = np.random.default_rng(0)
+
+# %% [markdown]
+# ## At a glance
+#
+# Both methods keep the frozen features of the normal images. PatchCore stores a representative subset of
+# the patch features and scores a test patch by its distance to the nearest stored one; semi-orthogonal
+# embedding replaces PaDiM's random channel subset by a random semi-orthogonal projection and fits the
+# Gaussians in the smaller space.
+
+# %%
+fig, axes = plt.subplots(2, 1, figsize=(9, 4.6))
+schematic({
+    "x": (0, 0, "image $x$", "data"),
+    "cnn": (1, 0, "frozen CNN\nlayers 2, 3", "frozen"),
+    "patch": (2, 0, "locally aware patch\nfeatures (3×3 average)", "data"),
+    "bank": (3, 0, "memory bank $\\mathcal{M}$\ngreedy coreset (1 %)", "statistics"),
+    "map": (3, 1, "distance to the nearest\nstored patch: map; max,\nreweighted (Eq. 7): score", "score"),
+}, [("x", "cnn"), ("cnn", "patch"), ("patch", "bank", "fit"), ("patch", "map", "test image"), ("bank", "map")],
+    title="PatchCore", ax=axes[0])
+schematic({
+    "x": (0, 0, "image $x$", "data"),
+    "cnn": (1, 0, "frozen CNN\nlayers 1–3", "frozen"),
+    "proj": (2, 0, "project $W^\\top f$, $W$ random\nsemi-orthogonal $D \\times k$", "data"),
+    "gauss": (3, 0, "Gaussian per position\nin $k$ dimensions", "statistics"),
+    "map": (3, 1, "low-rank Mahalanobis\ndistance: map and\nimage score", "score"),
+}, [("x", "cnn"), ("cnn", "proj"), ("proj", "gauss", "fit"), ("proj", "map", "test image"), ("gauss", "map")],
+    title="Semi-orthogonal embedding", ax=axes[1])
+plt.tight_layout()
+plt.show()
 
 # %% [markdown]
 # ## 1. The coreset objective: minimax facility location

@@ -47,11 +47,36 @@ from vadlab.metrics import image_auroc, pixel_auroc
 from vadlab.nn.flows import (ActNorm, AffineCoupling, FixedPermutation, InvertibleConv1x1, SequentialFlow,
                              jacobian_logdet, positional_encoding_2d, standard_normal_logprob)
 from vadlab.nn.gaussian import PositionalGaussian
-from vadlab.visualize import CMAP
+from vadlab.visualize import CMAP, schematic
 
 torch.manual_seed(0)
 plt.rcParams.update({"figure.dpi": 90, "font.size": 9})
 assert get_method("cflow") is CFlow and get_method("pyramidflow") is PyramidFlow
+
+# %% [markdown]
+# ## At a glance
+#
+# CFLOW-AD fits a conditional flow to the frozen features of each position, with the position itself as the
+# condition; PyramidFlow makes the whole image pyramid invertible and compares latents with a template.
+
+# %%
+fig, axes = plt.subplots(2, 1, figsize=(9, 4.6))
+schematic({
+    "x": (0, 0, "image $x$", "data"),
+    "cnn": (1, 0, "frozen CNN\n$K = 3$ scales", "frozen"),
+    "pe": (1, 1, "positional encoding\n$c_{ij}$ (the condition)", "data"),
+    "flow": (2, 0.5, "conditional flow $g_k$\nper scale (couplings)", "trained"),
+    "map": (3, 0.5, "$K - \\sum_k p_k$, $p_k$ the likelihood\n$p(f_{ij} \\mid c_{ij})$ rescaled:\nmap; max: score", "score"),
+}, [("x", "cnn"), ("cnn", "flow", "$f_{ij}$"), ("pe", "flow"), ("flow", "map", "$z$")], title="CFLOW-AD", ax=axes[0])
+schematic({
+    "x": (0, 0, "image $x$", "data"),
+    "lift": (1, 0, "$3 \\to C$ lift (or a\nfrozen encoder stem)", "data"),
+    "pyr": (2, 0, "invertible Laplacian\npyramid + couplings\n(volume-normalised)", "trained"),
+    "tmpl": (2, 1, "template: mean\ntraining latent", "statistics"),
+    "map": (3, 0.5, "$|z_l - \\bar z_l|$ composed\nover levels: map;\nmax: image score", "score"),
+}, [("x", "lift"), ("lift", "pyr"), ("pyr", "map", "$z_l$"), ("tmpl", "map")], title="PyramidFlow", ax=axes[1])
+plt.tight_layout()
+plt.show()
 
 # %% [markdown]
 # ## 1. Change of variables

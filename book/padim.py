@@ -41,11 +41,29 @@ from vadlab.methods import get_method
 from vadlab.methods.padim import Padim, PadimConfig
 from vadlab.metrics import image_auroc, pixel_auroc
 from vadlab.nn.gaussian import PositionalGaussian, multiscale_embedding
-from vadlab.visualize import CMAP
+from vadlab.visualize import CMAP, schematic
 
 torch.manual_seed(0)
 plt.rcParams.update({"figure.dpi": 90, "font.size": 9})
 assert get_method("padim") is Padim  # the registry finds the class this chapter explains
+
+# %% [markdown]
+# ## At a glance
+#
+# PaDiM fits statistics, it trains nothing: the frozen network's features of the normal images give one
+# Gaussian per grid position, and a test image is scored by how far each of its feature vectors lies from
+# the Gaussian of its position.
+
+# %%
+schematic({
+    "x": (0, 0, "image $x$", "data"),
+    "cnn": (1, 0, "frozen CNN\nlayers 1–3", "frozen"),
+    "emb": (2, 0, "concatenate, upsample\nkeep $d$ random channels", "data"),
+    "gauss": (3, 0, "one Gaussian per position\n$\\mathcal{N}(\\mu_{ij}, \\Sigma_{ij} + \\epsilon I)$", "statistics"),
+    "map": (3, 1, "Mahalanobis distance per\nposition; blur: map;\nmax: image score", "score"),
+}, [("x", "cnn"), ("cnn", "emb"), ("emb", "gauss", "fit (normal images)"), ("emb", "map", "test image"),
+    ("gauss", "map")], title="PaDiM")
+plt.show()
 
 # %% [markdown]
 # ## 1. Patch features on a grid

@@ -36,9 +36,37 @@ import torch
 from skimage.metrics import structural_similarity
 
 from vadlab.nn.similarity import gms_map, msgms_loss, ssim, ssim_map
-from vadlab.visualize import CMAP
+from vadlab.visualize import CMAP, schematic
 
 torch.manual_seed(0)
+
+# %% [markdown]
+# ## At a glance
+#
+# Both methods train a network on normal images to reproduce them and score the difference between an
+# image and its reproduction. AE-SSIM squeezes the image through a bottleneck; RIAD never lets the network
+# see the part it reproduces.
+
+# %%
+fig, axes = plt.subplots(2, 1, figsize=(9, 4.6))
+schematic({
+    "x": (0, 0, "image $x$\n(patches)", "data"),
+    "enc": (1, 0, "encoder", "trained"),
+    "z": (2, 0, "bottleneck\nvector $z$", "data"),
+    "dec": (3, 0, "decoder", "trained"),
+    "map": (3, 1, "$1 - \\mathrm{SSIM}(x, \\hat x)$ per pixel\nmap; max: image score", "score"),
+}, [("x", "enc"), ("enc", "z"), ("z", "dec"), ("dec", "map", "$\\hat x$")],
+    title="AE-SSIM", ax=axes[0])
+schematic({
+    "x": (0, 0, "image $x$", "data"),
+    "masks": (1, 0, "$k \\times k$ cells in $n$\ndisjoint random masks", "data"),
+    "unet": (2, 0, "U-Net inpaints\n$x \\odot M_i$", "trained"),
+    "recon": (3, 0, "$\\hat x_k$: each cell from\nthe pass that hid it", "data"),
+    "map": (3, 1, "MSGMS$(x, \\hat x_k)$ averaged\nover $k$: map; max: score", "score"),
+}, [("x", "masks"), ("masks", "unet"), ("unet", "recon"), ("recon", "map")],
+    title="RIAD", ax=axes[1])
+plt.tight_layout()
+plt.show()
 
 # %% [markdown]
 # ## SSIM

@@ -25,6 +25,10 @@ METHOD_CHAPTERS = [c["file"] for part in _TOC["parts"] if part.get("caption") ==
 LABS = {"padim": "lab_padim", "memory_banks": "lab_patchcore", "normalizing_flows": "lab_flows",
         "reconstruction": "lab_reconstruction", "distillation": None, "dmad": "lab_dmad", "diffusion": "lab_diad",
         "data_and_metrics": "lab_metrics"}
+#: chapter -> the methods whose block diagram (`vadlab.visualize.schematic`, title=...) it draws "At a glance"
+SCHEMATICS = {"padim": ["PaDiM"], "memory_banks": ["PatchCore", "Semi-orthogonal embedding"],
+              "normalizing_flows": ["CFLOW-AD", "PyramidFlow"], "reconstruction": ["AE-SSIM", "RIAD"],
+              "distillation": ["FAVAE", "MKD"], "dmad": ["DMAD (PDM+)", "DMAD (PPDM)"], "diffusion": ["DiAD"]}
 #: phrases that mark a number as remembered or unchecked; none may stay in the book
 HEDGES = ("as recalled", "as i recall", "unverified", "from memory", "likely, not certain",
           "attribution likely", "not 100% verified")
@@ -67,6 +71,19 @@ def test_the_methods_part_is_what_the_checks_expect() -> None:
     lab_toc = yaml.safe_load((BOOK / "labs" / "_toc.yml").read_text())
     listed = {c["file"] for c in lab_toc["chapters"]}
     assert {lab for lab in LABS.values() if lab} == listed, "a lab exists that no chapter links (or vice versa)"
+
+
+@pytest.mark.parametrize("chapter", METHOD_CHAPTERS)
+def test_method_chapter_draws_a_schematic_of_each_method_at_a_glance(chapter: str) -> None:
+    assert set(SCHEMATICS) == set(METHOD_CHAPTERS)
+    cells = jupytext.read(BOOK / f"{chapter}.py").cells
+    heading = next((i for i, c in enumerate(cells) if c.cell_type == "markdown"
+                    and re.search(r"^## At a glance\s*$", c.source, flags=re.M)), None)
+    assert heading is not None, f"{chapter}: no '## At a glance' section"
+    code = cells[heading + 1].source
+    for method in SCHEMATICS[chapter]:
+        assert re.search(rf"schematic\((.|\n)*title=\"{re.escape(method)}\"", code), \
+            f"{chapter}: the cell after 'At a glance' draws no schematic titled {method!r}"
 
 
 @pytest.mark.parametrize("chapter", METHOD_CHAPTERS)

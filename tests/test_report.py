@@ -66,3 +66,26 @@ def test_unified_sentence():
     text = synthesis(summary, impl, None, unified)[-1]
     assert text == ("**One model for all categories** (unified protocol, mean image AUROC): `padim` 0.900 "
                     "(per category 0.950); `diad` 0.600.")
+
+
+def test_schematic_draws_every_box_and_arrow_and_names_bad_input():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+    from matplotlib.patches import FancyBboxPatch
+
+    from vadlab.visualize import schematic
+
+    nodes = {"x": (0, 0, "image", "data"), "f": (1, 0, "net", "frozen"), "s": (1, 1, "score", "score")}
+    ax = schematic(nodes, [("x", "f"), ("f", "s", "test")], title="M")
+    assert sum(isinstance(p, FancyBboxPatch) for p in ax.patches) == 3
+    assert len([c for c in ax.get_children() if type(c).__name__ == "Annotation"]) == 2
+    assert {t.get_text() for t in ax.texts} >= {"image", "net", "score", "test"}
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["data", "frozen (pretrained)",
+                                                                    "anomaly score or map"]
+    plt.close("all")
+    with pytest.raises(ValueError, match=r"unknown kinds \['magic'\]"):
+        schematic({"x": (0, 0, "x", "magic")}, [])
+    with pytest.raises(ValueError, match=r"undefined nodes \['y'\]"):
+        schematic({"x": (0, 0, "x", "data")}, [("x", "y")])

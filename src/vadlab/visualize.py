@@ -76,3 +76,66 @@ def save_heatmap(path: Path, image: np.ndarray, amap: np.ndarray, score: float, 
         fig.savefig(tmp, format="png", dpi=80)
     plt.close(fig)
     return Path(path)
+
+
+#: colours of a schematic's boxes by the role of what they hold
+SCHEMATIC_KINDS = {"data": "#e6e6e6", "frozen": "#9ecae1", "trained": "#fdae6b", "statistics": "#a1d99b",
+                   "score": "#fbb4b9"}
+_SCHEMATIC_LEGEND = {"data": "data", "frozen": "frozen (pretrained)", "trained": "trained",
+                     "statistics": "fitted statistics / memory", "score": "anomaly score or map"}
+
+
+def schematic(nodes: dict[str, tuple[float, float, str, str]], edges: list[tuple], title: str | None = None,
+              ax: Any = None, width: float = 1.8, height: float = 0.66) -> Any:
+    """Draw a method's block diagram: boxes at grid positions joined by arrows; returns the axes.
+
+    ``nodes``: name -> ``(column, row, label, kind)`` with ``kind`` one of :data:`SCHEMATIC_KINDS` (what the
+    box holds: data, a frozen pretrained network, a trained network, fitted statistics, the score); rows
+    grow downwards; half rows (0.5) centre a box between two. ``edges``: ``(from, to)`` or ``(from, to, label)``; a label sits at the arrow's middle.
+    A legend lists the kinds used. Unknown node names or kinds raise a ValueError naming them.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import FancyBboxPatch, Patch
+
+    unknown = sorted({k for *_, k in nodes.values()} - set(SCHEMATIC_KINDS))
+    missing = sorted({n for e in edges for n in e[:2]} - set(nodes))
+    if unknown or missing:
+        raise ValueError(f"schematic: unknown kinds {unknown} (use {', '.join(SCHEMATIC_KINDS)}) or edges to "
+                         f"undefined nodes {missing}")
+    cols = max(c for c, *_ in nodes.values()) + 1
+    rows = max(r for _, r, *_ in nodes.values()) + 1
+    if ax is None:
+        _, ax = plt.subplots(figsize=(2.05 * cols + 0.4, 1.0 * rows + 0.9))
+    centre = {n: (2.1 * c, -1.05 * r) for n, (c, r, *_) in nodes.items()}
+    for name, (_, _, label, kind) in nodes.items():
+        x, y = centre[name]
+        ax.add_patch(FancyBboxPatch((x - width / 2, y - height / 2), width, height,
+                                    boxstyle="round,pad=0.02,rounding_size=0.08", fc=SCHEMATIC_KINDS[kind],
+                                    ec="0.3", lw=0.8))
+        ax.text(x, y, label, ha="center", va="center", fontsize=7.5, wrap=True)
+    for edge in edges:
+        a, b = edge[:2]
+        (xa, ya), (xb, yb) = centre[a], centre[b]
+        # leave each box through the side facing the other box
+        dx, dy = xb - xa, yb - ya
+        if abs(dx) * height >= abs(dy) * width:
+            start, end = (xa + np.sign(dx) * width / 2, ya), (xb - np.sign(dx) * width / 2, yb)
+        else:
+            start, end = (xa, ya + np.sign(dy) * height / 2), (xb, yb - np.sign(dy) * height / 2)
+        ax.annotate("", xy=end, xytext=start, arrowprops=dict(arrowstyle="-|>", color="0.25", lw=0.9,
+                                                              shrinkA=1, shrinkB=1))
+        if len(edge) > 2:  # above a horizontal arrow, right of a vertical one
+            vertical = start[0] == end[0]
+            ax.text((start[0] + end[0]) / 2 + (0.06 if vertical else 0), (start[1] + end[1]) / 2 + (0 if vertical else 0.06),
+                    edge[2], ha="left" if vertical else "center", va="center" if vertical else "bottom",
+                    fontsize=6.5, style="italic", color="0.2")
+    used = [k for k in SCHEMATIC_KINDS if any(kind == k for *_, kind in nodes.values())]
+    ax.legend(handles=[Patch(fc=SCHEMATIC_KINDS[k], ec="0.3", label=_SCHEMATIC_LEGEND[k]) for k in used],
+              loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=len(used), fontsize=6.5, frameon=False)
+    ax.set_xlim(-width / 2 - 0.15, 2.1 * (cols - 1) + width / 2 + 0.15)
+    ax.set_ylim(-1.05 * (rows - 1) - height / 2 - 0.15, height / 2 + 0.15)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    if title:
+        ax.set_title(title, fontsize=9)
+    return ax
