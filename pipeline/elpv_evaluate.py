@@ -28,6 +28,7 @@ seed = 0
 jobs = 1
 executor = "local"  # or ray (params.yaml `executor`, `ray_address`), as for the generated data
 ray_address = None
+feature_cache = None  # folder of the frozen-backbone feature cache (params.yaml `feature_cache`), None: off
 elpv = {"root": "build/elpv", "seed": 0, "train_fraction": 0.8, "max_train": 200, "n_seeds": 1,
         "categories": ["mono", "poly"]}
 methods = {"padim": {"image_size": 128, "preset": "paper", "set": {}}}
@@ -44,6 +45,9 @@ import pandas as pd
 from vadlab.evaluate import run_parallel, write_json
 from vadlab.evaluate_graded import run_graded
 from vadlab.methods import run_settings
+
+if feature_cache:  # every worker process started below inherits it (vadlab.backbones.FeatureCache)
+    os.environ["VADLAB_FEATURE_CACHE"] = str(Path(feature_cache).resolve())
 
 implementation, overrides, image_size = run_settings(method, methods)
 seeds = [int(seed) + k for k in range(int(elpv["n_seeds"]))]

@@ -33,11 +33,13 @@ n_seeds = 1
 jobs = 1
 executor = "local"  # or ray: every run a task on a Ray cluster (params.yaml `executor`, `ray_address`)
 ray_address = None
+feature_cache = None  # folder of the frozen-backbone feature cache (params.yaml `feature_cache`), None: off
 data = {"name": "synthetic", "root": "build/synthetic", "categories": ["brick"]}
 methods = {"padim": {"image_size": 256, "preset": "paper", "set": {}}}
 results_root = "results"
 
 # %%
+import os
 import time
 from pathlib import Path
 
@@ -46,6 +48,9 @@ import pandas as pd
 from vadlab.data import check_dataset
 from vadlab.evaluate import run, run_parallel, write_json
 from vadlab.methods import run_settings
+
+if feature_cache:  # every worker process started below inherits it (vadlab.backbones.FeatureCache)
+    os.environ["VADLAB_FEATURE_CACHE"] = str(Path(feature_cache).resolve())
 
 check_dataset(data["root"], data["categories"], data["name"])  # clear error (and how to get it) if absent
 implementation, overrides, image_size = run_settings(method, methods)  # e.g. dmad_plus -> dmad, PDM+

@@ -28,8 +28,10 @@ methods = {"padim": {"image_size": 256, "preset": "paper", "set": {}}}
 results_root = "results"
 executor = "local"  # or ray: the one model trains as a task on a Ray cluster (params.yaml `executor`)
 ray_address = None
+feature_cache = None  # folder of the frozen-backbone feature cache (params.yaml `feature_cache`), None: off
 
 # %%
+import os
 import time
 from pathlib import Path
 
@@ -38,6 +40,9 @@ import pandas as pd
 from vadlab.data import check_dataset
 from vadlab.evaluate import run_parallel, run_unified, write_json
 from vadlab.methods import run_settings
+
+if feature_cache:  # every worker process started below inherits it (vadlab.backbones.FeatureCache)
+    os.environ["VADLAB_FEATURE_CACHE"] = str(Path(feature_cache).resolve())
 
 check_dataset(data["root"], data["categories"], data["name"])  # clear error (and how to get it) if absent
 implementation, overrides, image_size = run_settings(method, methods)  # e.g. dmad_plus -> dmad, PDM+

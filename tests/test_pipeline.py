@@ -68,6 +68,7 @@ def test_elpv_settings_rerun_the_elpv_stages_only(index):
 def test_execution_settings_rerun_nothing(index):
     # `jobs` changes the wall-clock time only; it must not invalidate results
     assert affected(index, "jobs") == set()
+    assert affected(index, "feature_cache") == set()  # an execution setting too
 
 
 def test_default_pipeline_downloads_nothing(index):

@@ -16,6 +16,7 @@ feed it the same tensors whatever the backbone expects.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,6 +205,9 @@ class FeatureExtractor(nn.Module):
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
         self.trainable = trainable
+        #: whether :class:`FeatureCache` may serve this extractor (when one is active): methods whose
+        #: extractor sees the data's images turn it on; one that embeds reconstructions keeps it off
+        self.cache_features = False
         if not trainable:
             self.requires_grad_(False)
             self.eval()
@@ -217,7 +221,128 @@ class FeatureExtractor(nn.Module):
         return (images - self.mean) / self.std
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        return list(self.body(self.normalize(images)))
+        cache = active_feature_cache()
+        if cache is None or not self.cache_features or self.trainable or images.requires_grad:
+            return list(self.body(self.normalize(images)))
+        return cache.features(self, images)
+
+    def identity(self) -> str:
+        """Digest of the backbone's name and every weight: two extractors with the same identity give the
+        same features of a layer (the feature cache's key; computed once)."""
+        if getattr(self, "_identity", None) is None:
+            digest = hashlib.sha256(self.name.encode())
+            for key, value in sorted(self.body.state_dict().items()):
+                digest.update(key.encode())
+                digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+            self._identity = digest.hexdigest()
+        return self._identity
+
+
+class FeatureCache:
+    """Frozen-backbone features on disk, one file per (image, layer), shared by methods, seeds and runs.
+
+    The key of an entry is the SHA-256 of the extractor's :meth:`~FeatureExtractor.identity` (backbone and
+    weights), the layer, and the exact input tensor of that image (dtype, shape, bytes): the tensor is the
+    decoded, resized image file, so a changed file, another image size or other weights are another key,
+    and an entry can never be returned for an input it was not computed from. Methods that ask for
+    overlapping layers (PaDiM blocks 1, 2, 4; PatchCore blocks 2, 4) share the common ones. Entries are
+    written atomically (two processes may fill the cache at once) and read with ``weights_only=True``.
+    The folder is kept under ``max_bytes``: when a write passes it, the least recently used entries go.
+    Off unless activated (:func:`use_feature_cache` or the environment variable ``VADLAB_FEATURE_CACHE``,
+    with ``VADLAB_FEATURE_CACHE_MAX_GB``, default 4); the pipeline turns it on (``params.yaml``
+    ``feature_cache``).  Only extractors with ``cache_features`` set (PaDiM, semi-orthogonal embedding,
+    PatchCore, CFLOW: their backbone sees the data's images), frozen, on inputs that need no gradient.
+    """
+
+    def __init__(self, root: str | os.PathLike, max_bytes: int = 4 * 2 ** 30) -> None:
+        self.root = Path(root)
+        self.max_bytes = int(max_bytes)
+        self.hits = self.misses = 0
+        self._size: int | None = None
+
+    def _path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.pt"
+
+    def _keys(self, extractor: FeatureExtractor, images: torch.Tensor) -> list[list[str]]:
+        head = f"{extractor.identity()}|{images.dtype}|{tuple(images.shape[1:])}|"
+        keys = []
+        for image in images.detach().cpu().contiguous():
+            content = hashlib.sha256(image.numpy().tobytes()).hexdigest()
+            keys.append([hashlib.sha256(f"{head}{layer}|{content}".encode()).hexdigest()
+                         for layer in extractor.layers])
+        return keys
+
+    def _load(self, path: Path) -> torch.Tensor | None:
+        try:
+            value = torch.load(path, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, EOFError, ValueError):  # absent, or cut short by an eviction race
+            return None
+        os.utime(path)  # most recently used
+        return value
+
+    def features(self, extractor: FeatureExtractor, images: torch.Tensor) -> list[torch.Tensor]:
+        """``extractor(images)``, each image's layers read from disk when present, else computed and stored."""
+        keys = self._keys(extractor, images)
+        found = [[self._load(self._path(k)) for k in row] for row in keys]
+        missing = [i for i, row in enumerate(found) if any(f is None for f in row)]
+        self.hits += len(images) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            computed = extractor.body(extractor.normalize(images[missing]))
+            for j, i in enumerate(missing):
+                for layer, (key, maps) in enumerate(zip(keys[i], computed)):
+                    found[i][layer] = maps[j].detach().cpu().clone()
+                    self._store(key, found[i][layer])
+        return [torch.stack([row[layer] for row in found]).to(images.device)
+                for layer in range(len(extractor.layers))]
+
+    def _store(self, key: str, value: torch.Tensor) -> None:
+        from vadlab.fileio import atomic_path
+
+        path = self._path(key)
+        with atomic_path(path) as tmp:
+            torch.save(value, tmp)
+        if self._size is None:
+            self._size = sum(f.stat().st_size for f in self.root.glob("*/*.pt"))
+        else:
+            self._size += path.stat().st_size
+        if self._size > self.max_bytes:
+            self._evict()
+
+    def _evict(self) -> None:
+        """Remove least recently used entries until the folder holds at most 90 % of ``max_bytes``."""
+        entries = []
+        for f in self.root.glob("*/*.pt"):
+            try:
+                st = f.stat()
+            except FileNotFoundError:  # another process evicted it
+                continue
+            entries.append((st.st_mtime, st.st_size, f))
+        entries.sort()
+        total = sum(size for _, size, _ in entries)
+        for _, size, f in entries:
+            if total <= 0.9 * self.max_bytes:
+                break
+            f.unlink(missing_ok=True)
+            total -= size
+        self._size = total
+
+
+_FEATURE_CACHE: list[FeatureCache | None] = [None]
+
+
+def use_feature_cache(root: str | os.PathLike | None, max_bytes: int = 4 * 2 ** 30) -> FeatureCache | None:
+    """Turn the feature cache on at ``root`` for this process (``None``: off); returns it."""
+    _FEATURE_CACHE[0] = None if root is None else FeatureCache(root, max_bytes)
+    return _FEATURE_CACHE[0]
+
+
+def active_feature_cache() -> FeatureCache | None:
+    """The cache set by :func:`use_feature_cache`, else the one ``VADLAB_FEATURE_CACHE`` names, else None."""
+    if _FEATURE_CACHE[0] is None and os.environ.get("VADLAB_FEATURE_CACHE"):
+        max_gb = float(os.environ.get("VADLAB_FEATURE_CACHE_MAX_GB", "4"))
+        use_feature_cache(os.environ["VADLAB_FEATURE_CACHE"], int(max_gb * 2 ** 30))
+    return _FEATURE_CACHE[0]
 
 
 def upsample_to(maps: torch.Tensor, size: tuple[int, int] | int) -> torch.Tensor:

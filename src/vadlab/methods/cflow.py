@@ -106,6 +106,7 @@ class CFlow(AnomalyMethod):
             raise ValueError(f"condition_channels={cfg.condition_channels} must be a multiple of 4")
         torch.manual_seed(cfg.seed)
         self.backbone = FeatureExtractor(cfg.backbone, cfg.layers, cfg.weights)
+        self.backbone.cache_features = True  # it embeds the data's images (vadlab.backbones.FeatureCache)
         self.decoders = nn.ModuleList(build_decoder(c, cfg, cfg.seed + k) for k, c in enumerate(self.backbone.channels))
         # per-scale max per-dimension log-likelihood over the training fibers (set in fit)
         self.register_buffer("train_max_logp", None)

@@ -124,6 +124,7 @@ class PatchCore(AnomalyMethod):
             raise ValueError("num_neighbors and embed_dim must be >= 1 and projection_dim >= 0, got "
                              f"{cfg.num_neighbors}, {cfg.embed_dim}, {cfg.projection_dim}")
         self.backbone = FeatureExtractor(cfg.backbone, cfg.layers, cfg.weights)
+        self.backbone.cache_features = True  # it embeds the data's images (vadlab.backbones.FeatureCache)
         # channels-last convolutions are ~2x faster on CPU; results equal up to float rounding
         self.backbone.to(memory_format=torch.channels_last)
         self.register_buffer("memory_bank", None)

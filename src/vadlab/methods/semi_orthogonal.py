@@ -81,6 +81,7 @@ class SemiOrthogonal(AnomalyMethod):
         super().__init__(config, **overrides)
         cfg = self.config
         self.backbone = FeatureExtractor(cfg.backbone, cfg.layers, cfg.weights)
+        self.backbone.cache_features = True  # it embeds the data's images (vadlab.backbones.FeatureCache)
         self.backbone.to(memory_format=torch.channels_last)  # ~2x faster on CPU, same numbers up to rounding
         total = sum(self.backbone.channels)
         if not 0 < cfg.k <= total:
