@@ -34,8 +34,10 @@ class FlowDivergenceError(RuntimeError):
 def soft_clamp(s: torch.Tensor, clamp: float) -> torch.Tensor:
     """Smoothly squash ``s`` into ``(-clamp, clamp)``: ``clamp * 2/pi * atan(s / clamp)``.
 
-    Close to the identity for ``|s| << clamp`` (slope 2/pi at zero, like FrEIA's 0.636 factor); keeps
-    ``exp(s)`` bounded so a coupling can neither explode nor collapse a channel.
+    Slope 2/pi at zero; keeps ``exp(s)`` bounded so a coupling can neither explode nor collapse a
+    channel.  This is FrEIA's ``"ATAN"`` clamp of its GLOW / RealNVP coupling blocks
+    (``clamp * 0.636 * atan(s / clamp)``) and PyramidFlow's.  FrEIA's ``AllInOneBlock``, which CFLOW-AD's
+    official code uses, clamps differently: ``clamp * tanh(0.1 * s)`` (same bound, slope ``0.1 * clamp``).
     """
     if clamp <= 0:
         return s
@@ -181,7 +183,10 @@ class ActNorm(FlowLayer):
 
 
 class FixedPermutation(FlowLayer):
-    """A fixed random channel permutation (``log|det| = 0``), drawn from ``seed``."""
+    """A fixed random (hard) channel permutation (``log|det| = 0``), drawn from ``seed``.
+
+    FrEIA's ``AllInOneBlock(permute_soft=True)`` uses a fixed random rotation from SO(D) instead.
+    """
 
     def __init__(self, channels: int, seed: int = 0) -> None:
         super().__init__()
