@@ -29,8 +29,8 @@
    0.03-0.05, never clipped, about 3e-5 per parameter, below ``eps``, so Adam's steps shrink several
    fold; the unnormalised loss's norms (4-12) are clipped to 1, about 8e-4 per parameter.  Over the
    first 12 steps (same pairs) the loss, in ortho units, fell 0.0098 -> 0.0013 unnormalised and
-   0.0098 -> 0.0048 with ``"ortho"``.  At the
-   128 px CPU preset (encoder features, lr 1e-3) both are always clipped and train alike.
+   0.0098 -> 0.0048 with ``"ortho"``.  At the 128 px CPU preset (encoder features, lr 1e-3) both are
+   always clipped and train alike.
 6. **Scoring.**  The latent template is the mean training latent (recomputed, in eval mode, after every
    epoch).  A test image's map is the composed pyramid of ``|z_l - template_l|``, averaged over
    channels (no blur); the image score is its maximum.
