@@ -79,7 +79,7 @@ def test_permutation_and_conv1x1():
 
 
 def test_actnorm_initialises_to_standardise_and_inverts():
-    layer = ActNorm(3)
+    layer = ActNorm(3, rel_floor=1e-4)  # scales 100 : 1 : 0.01, all above 1e-4 x the mean std: no flooring
     x = torch.randn(50, 3) * torch.tensor([100.0, 1.0, 0.01]) + 7.0
     layer.initialize(x)
     y, logdet = layer(x)
@@ -90,6 +90,27 @@ def test_actnorm_initialises_to_standardise_and_inverts():
     maps = torch.randn(2, 3, 2, 2)
     ym, ldm = layer(maps)
     assert torch.allclose(ldm[:1], jacobian_logdet(lambda v: layer(v)[0], maps[:1]), atol=1e-8)
+
+
+def test_actnorm_floor_keeps_a_constant_channel_from_amplifying_noise():
+    # channel 1 is constant on the training data; a test deviation of 1e-3 in it must stay small after
+    # actnorm (the old absolute floor of 1e-6 on the std made it 1e3, a 10^6-fold amplification)
+    train = torch.randn(500, 3)
+    train[:, 1] = 0.5
+    layer = ActNorm(3)
+    layer.initialize(train)
+    test = torch.zeros(1, 3)
+    test[0, 1] = 0.5 + 1e-3
+    y, _ = layer(test)
+    mean_std = train.std(0).mean()  # (1 + 0 + 1) / 3: the floor is 0.1 x this
+    assert abs(y[0, 1].item()) <= 1e-3 / (0.1 * mean_std.item()) * 1.001
+    assert abs(y[0, 1].item()) < 0.1  # old floor: 1e3
+    assert layer.log_scale[1].item() <= -math.log(0.1 * mean_std.item()) + 1e-5
+    # the other channels are still standardised exactly
+    y_train, _ = layer(train)
+    assert torch.allclose(y_train[:, [0, 2]].std(0), torch.ones(2), atol=1e-5)
+    with pytest.raises(ValueError, match="rel_floor"):
+        ActNorm(3, rel_floor=0.0)
 
 
 def test_sequential_flow_whole_inverse_and_logdet():

@@ -8,8 +8,8 @@ from sklearn.metrics import roc_auc_score
 
 from vadlab.methods import get_method
 from vadlab.methods.base import AnomalyMethod
-from vadlab.methods.pyramidflow import (CPU_PRESET, PyramidFlow, PyramidFlowConfig, pyramid_compose,
-                                        pyramid_decompose)
+from vadlab.methods.pyramidflow import (CPU_PRESET, PyramidFlow, PyramidFlowConfig, fourier_loss,
+                                        pyramid_compose, pyramid_decompose)
 from vadlab.nn.flows import FlowDivergenceError
 
 SIZE = 128
@@ -96,12 +96,37 @@ def test_other_sizes_bad_input_and_unfitted(fitted):
 def test_baseline_without_pretrained_model_trains(data):
     loader, images, _ = data["brick"]
     small = [torch.nn.functional.interpolate(b[:8], size=(64, 64), mode="bilinear") for b in loader]
-    model = PyramidFlow(encoder="none", channels=4, levels=3, stacks=1, kernel_size=3, epochs=1,
-                        batch_size=4, lr=1e-3).fit(small)
+    baseline = dict(encoder="none", channels=4, levels=3, stacks=1, kernel_size=3, epochs=1, batch_size=4, lr=1e-3)
+    model = PyramidFlow(**baseline)
+    lift0 = model.lift.raw.detach().clone()
+    model.fit(small)
     assert model.backbone is None
     scores, maps = model.predict(images[:4])
     assert torch.isfinite(maps).all() and maps.shape == (4, SIZE, SIZE)
     assert model.train_size.tolist() == [64, 64]
+    # the 3 -> C lift is frozen by default (the official code applies it under no_grad): not trained
+    assert not model.lift.raw.requires_grad and torch.equal(model.lift.raw, lift0)
+    w = model.lift.weight()
+    assert torch.allclose(w.T @ w, torch.eye(3), atol=1e-5)  # still the orthonormal initialisation
+    # ... and trainable on request
+    trained = PyramidFlow(**baseline, train_lift=True).fit(small)
+    assert trained.lift.raw.requires_grad and not torch.equal(trained.lift.raw.detach(), lift0)
+
+
+def test_fourier_loss_is_unnormalised_by_default():
+    # the official train.py: torch.fft.fft2(diff).abs().mean(), torch's default norm ("backward")
+    assert PyramidFlowConfig().fft_norm == "backward"
+    assert PyramidFlowConfig.cpu_preset().fft_norm == "backward"
+    diff = torch.rand(3, 16, 8)
+    official = torch.fft.fft2(diff).abs().mean()
+    assert torch.allclose(fourier_loss(diff), official)
+    assert torch.allclose(fourier_loss(diff, "ortho") * (16 * 8) ** 0.5, official)
+    zs = [torch.rand(2, 4, 16, 16), torch.rand(2, 4, 8, 8)]
+    model = PyramidFlow(encoder="none", channels=4, levels=2, stacks=1, kernel_size=3)
+    ortho = PyramidFlow(encoder="none", channels=4, levels=2, stacks=1, kernel_size=3, fft_norm="ortho")
+    assert torch.allclose(model.pair_loss(zs), ortho.pair_loss(zs) * 16)  # sqrt(16 x 16)
+    with pytest.raises(ValueError, match="fft_norm"):
+        PyramidFlow(encoder="none", channels=4, levels=2, stacks=1, fft_norm="forward")
 
 
 def test_divergence_raises_named_error(data):

@@ -3,7 +3,7 @@
 1. **Encoder.**  A frozen ImageNet CNN gives K feature maps ("pooled scales").  Every position i of
    scale k carries a feature vector ("fiber") ``z_i`` of D_k channels.
 2. **Decoders.**  Per scale, a conditional normalizing flow ``u = g_k^{-1}(z, c)``: a chain of affine
-   couplings (soft-clamped log-scale, alpha = 1.9) and fixed permutations.  The coupling subnets see
+   couplings (soft-clamped log-scale, alpha = 1.9) separated by fixed channel mixings.  The coupling subnets see
    the kept half of the fiber concatenated with the condition ``c_i``, a 2-D sinusoidal positional
    encoding of the fiber's grid position (P = 128 channels).
 3. **Loss.**  Maximum likelihood with a standard normal base:
@@ -25,10 +25,22 @@ Departures from the paper / the official code, on purpose:
   the epoch that scores best on the test set).
 - Default encoder: the offline EfficientNet-Lite0, blocks 2, 4, 6 (strides 8, 16, 32 like WRN-50
   layers 2-4) instead of WRN-50.  Features are computed once and cached (no rotation augmentation).
-- Each decoder starts with an actnorm layer initialised to standardise the training fibers (the code's
-  FrEIA AllInOneBlock has a learnt global affine per block instead), and couplings are separated by
-  hard random permutations (the code: random permutations, or rotations with ``permute_soft``); the subnet is Linear -> ReLU -> Linear with hidden width
-  2 x input, as in the code (the paper's text is ambiguous).
+- The official decoder is FrEIA's ``SequenceINN`` of ``AllInOneBlock(affine_clamping=1.9,
+  global_affine_type='SOFTPLUS', permute_soft=True)`` [cflow-ad ``model.py``].  Each such block is an
+  affine coupling, then a learnt per-channel global affine (scale ``0.1 * softplus_{beta=0.5}(g)``,
+  initialised to 1, plus an offset), then a fixed **soft permutation**: a random orthogonal matrix
+  drawn once from SO(D) (``scipy.stats.special_ortho_group``; not trained, ``log|det| = 0``).  Here
+  instead: one actnorm layer, initialised to standardise the training fibers, opens each decoder (in
+  place of the per-block global affines), and the couplings are separated by **hard** random
+  permutations (:class:`~vadlab.nn.flows.FixedPermutation`), which mix no channels, only reorder them.
+- **Soft clamp.**  ``AllInOneBlock`` scales the whole subnet output by 0.1 and clamps the log-scale as
+  ``alpha * tanh(0.1 * a)`` (shift ``0.1 * a``): bounded by ``alpha``, slope ``0.1 * alpha`` = 0.19 at
+  zero.  vadlab's :func:`~vadlab.nn.flows.soft_clamp` is ``alpha * (2/pi) * atan(s / alpha)`` (FrEIA's
+  ``"ATAN"`` clamp of its GLOW / RealNVP coupling blocks, ``alpha * 0.636 * atan(s / alpha)``; the same
+  form as PyramidFlow's), also bounded by ``alpha`` but with slope 2/pi = 0.64 at zero and no 0.1 on
+  the shift.  Both are smooth and bounded; they differ in the subnet output scale they start from.
+- The subnet is Linear -> ReLU -> Linear with hidden width 2 x input, as in the code (the paper's text
+  is ambiguous).
 
 If training diverges (a non-finite loss), :class:`FlowDivergenceError` names the step and the scale.
 """
@@ -83,7 +95,10 @@ CPU_PRESET: dict = {"layers": ("blocks.1", "blocks.2", "blocks.4"), "coupling_bl
 
 
 def build_decoder(channels: int, cfg: CFlowConfig, seed: int) -> SequentialFlow:
-    """One conditional flow: actnorm, then ``coupling_blocks`` x (affine coupling + fixed permutation)."""
+    """One conditional flow: actnorm, then ``coupling_blocks`` x (affine coupling + fixed hard permutation).
+
+    The official code's FrEIA ``AllInOneBlock`` mixes with a fixed random *rotation* instead (``permute_soft``).
+    """
     layers: list = [ActNorm(channels)]
     for b in range(cfg.coupling_blocks):
         in_ch = channels - channels // 2 + cfg.condition_channels

@@ -34,8 +34,10 @@ class FlowDivergenceError(RuntimeError):
 def soft_clamp(s: torch.Tensor, clamp: float) -> torch.Tensor:
     """Smoothly squash ``s`` into ``(-clamp, clamp)``: ``clamp * 2/pi * atan(s / clamp)``.
 
-    Close to the identity for ``|s| << clamp`` (slope 2/pi at zero, like FrEIA's 0.636 factor); keeps
-    ``exp(s)`` bounded so a coupling can neither explode nor collapse a channel.
+    Slope 2/pi at zero; keeps ``exp(s)`` bounded so a coupling can neither explode nor collapse a
+    channel.  This is FrEIA's ``"ATAN"`` clamp of its GLOW / RealNVP coupling blocks
+    (``clamp * 0.636 * atan(s / clamp)``) and PyramidFlow's.  FrEIA's ``AllInOneBlock``, which CFLOW-AD's
+    official code uses, clamps differently: ``clamp * tanh(0.1 * s)`` (same bound, slope ``0.1 * clamp``).
     """
     if clamp <= 0:
         return s
@@ -139,19 +141,34 @@ class ActNorm(FlowLayer):
 
     ``initialize(x)`` sets it from data so that ``y`` starts standardised per channel: flows on raw CNN
     features (channel scales differing by orders of magnitude) then start near the right density.
+
+    The standard deviation used is floored at ``rel_floor`` (default 0.1) times the mean standard
+    deviation over the channels.  Without a floor relative to the data, a channel that is (nearly)
+    constant on the training data, such as a dead ReLU channel, is divided by ~0: with an absolute
+    floor of 1e-6 any test deviation in it is amplified 10^6-fold and its squared value dominates
+    the likelihood of every fiber.  With the relative floor no channel is scaled up by more than
+    ``1 / rel_floor`` = 10 times a typical channel, so noise cannot be amplified by orders of magnitude;
+    channels whose spread is at least a tenth of the typical one are standardised exactly, as before.
+    ``log_scale`` stays trainable: the floor only sets where training starts.
     """
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, rel_floor: float = 0.1) -> None:
         super().__init__()
+        if not 0 < rel_floor <= 1:
+            raise ValueError(f"ActNorm rel_floor must be in (0, 1], got {rel_floor}")
+        self.rel_floor = rel_floor
         self.bias = nn.Parameter(torch.zeros(channels))
         self.log_scale = nn.Parameter(torch.zeros(channels))
 
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:
-        """Standardise the channels of ``x`` ([N, C] or [B, C, H, W])."""
+        """Standardise the channels of ``x`` ([N, C] or [B, C, H, W]); see the class note on the floor."""
         flat = x.transpose(0, 1).reshape(x.shape[1], -1)
+        std = flat.std(1)
+        # relative floor; the absolute 1e-12 only guards an input that is constant in every channel
+        floor = (self.rel_floor * std.mean()).clamp_min(1e-12)
         self.bias.copy_(-flat.mean(1))
-        self.log_scale.copy_(-torch.log(flat.std(1).clamp_min(1e-6)))
+        self.log_scale.copy_(-torch.log(std.clamp_min(floor)))
 
     def _shape(self, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return v.view(1, -1, *([1] * (x.ndim - 2))).to(x.dtype)
@@ -166,7 +183,10 @@ class ActNorm(FlowLayer):
 
 
 class FixedPermutation(FlowLayer):
-    """A fixed random channel permutation (``log|det| = 0``), drawn from ``seed``."""
+    """A fixed random (hard) channel permutation (``log|det| = 0``), drawn from ``seed``.
+
+    FrEIA's ``AllInOneBlock(permute_soft=True)`` uses a fixed random rotation from SO(D) instead.
+    """
 
     def __init__(self, channels: int, seed: int = 0) -> None:
         super().__init__()
