@@ -36,7 +36,8 @@ import torch
 from vadlab.data import MVTecDataset, generate
 from vadlab.labs import check_mkd_loss, reference, results_table, show_params
 from vadlab.methods.mkd import MKD, MKDConfig
-from vadlab.metrics import image_auroc
+from vadlab.metrics import image_auroc, pixel_auroc
+from vadlab.nn.filters import gaussian_blur, sigma_for
 from vadlab.visualize import CMAP
 
 torch.manual_seed(0)
@@ -167,11 +168,13 @@ index = int(np.argmax(np.where(labels == 1, trained_scores.numpy(), -np.inf)))  
 image = test[index:index + 1].clone().requires_grad_(True)
 loss = loss_fn(model.student(model.backbone.normalize(image)), model.teacher(image), model.config.lamda)
 (grad,) = torch.autograd.grad(loss.sum(), image)
-grad_map = grad.mean(1).abs()[0]
+grad_map = grad.mean(1).abs()[0].detach()
+smooth = gaussian_blur(grad_map[None], sigma_for(model.config.sigma, 64, model.config.sigma_reference))[0]
+mask = test_ds[index]["mask"][0]
 
-fig, axes = plt.subplots(1, 3, figsize=(7.5, 2.6))
-for ax, img, title in zip(axes, (test[index].permute(1, 2, 0), grad_map, test_ds[index]["mask"][0]),
-                          ("image", "|dL/dx| (raw)", "ground truth")):
+fig, axes = plt.subplots(1, 4, figsize=(10, 2.6))
+for ax, img, title in zip(axes, (test[index].permute(1, 2, 0), grad_map, smooth, mask),
+                          ("image", "|dL/dx| (raw)", "|dL/dx| smoothed", "ground truth")):
     shown = ax.imshow(img, cmap=None if title == "image" else ("gray" if title == "ground truth" else CMAP))
     if title.startswith("|"):
         fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
@@ -181,10 +184,14 @@ plt.tight_layout()
 plt.show()
 _, package_map = model.gradient_map(test[index:index + 1])
 npt.assert_allclose(grad_map, package_map[0], rtol=1e-3, atol=1e-4 * float(package_map.max()))  # float32 rounding
+auroc_raw, auroc_smooth = pixel_auroc(mask[None], grad_map[None]), pixel_auroc(mask[None], smooth[None])
+print(f"pixel AUROC on this image: raw {auroc_raw:.3f}, smoothed {auroc_smooth:.3f}")
+assert auroc_smooth > max(auroc_raw, 0.8)
 
 # %% [markdown]
-# The pipeline's CPU preset uses the cheaper `localization="discrepancy"` maps (one forward pass, no backward);
-# the chapter compares both.
+# The raw gradient is noisy, pixel by pixel; MKD smooths it with a Gaussian ($\sigma = 4$ at 128 px, 2 here at
+# 64 px), and the smoothed map finds the defect. The pipeline's CPU preset uses the cheaper
+# `localization="discrepancy"` maps (one forward pass, no backward); the chapter compares both.
 #
 # ## 6. Open question: the weight $\lambda$ of the value loss
 #

@@ -122,6 +122,7 @@ ax.hist(raw, bins=40, range=(-1, 1), alpha=0.6, label="Q from QR, no sign fix")
 ax.hist(fixed, bins=40, range=(-1, 1), alpha=0.6, label="W = Q diag(sign R_jj)")
 ax.set_xlabel("W[0, 0] over 2000 seeds")
 ax.legend(fontsize=8)
+plt.tight_layout()
 plt.show()
 assert max(raw) <= 0 and abs(np.mean(fixed)) < 0.05 and np.mean(np.array(fixed) > 0) > 0.45
 if ok:
@@ -168,6 +169,7 @@ ax.axhline(auroc_full, c="k", ls="--", label=f"full covariance (k = F = {F})")
 ax.set_xticks([0, 1], ["semi-orthogonal", "channel subset"])
 ax.set_ylabel("image AUROC (20 draws)")
 ax.legend(fontsize=7, loc="lower left")
+plt.tight_layout()
 plt.show()
 print(f"full {auroc_full:.3f} | semi-orthogonal mean {np.mean(auroc_semi):.3f}, worst {min(auroc_semi):.3f} | "
       f"subset mean {np.mean(auroc_subset):.3f}, worst {min(auroc_subset):.3f}")

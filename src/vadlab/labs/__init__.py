@@ -22,9 +22,9 @@ tagged ``solution`` the lines between ``# BEGIN SOLUTION`` and ``# END SOLUTION`
 entirely.  Everything else is kept byte for byte.  ``python -m vadlab.labs student|instructor SRC DST``
 writes a copy of a lab folder as one edition (used by ``scripts/build_labs.sh``).
 
-Layout: one module per lab, named after it (``metrics``, ``padim``, ``patchcore``, ``flows``,
-``reconstruction``, ``dmad``, ``diad``, ``semi_orthogonal``, ``distillation``), the shared reporting machinery in ``_common``, the pipeline helpers
-in ``project`` and the student edition in ``editions``.  Everything public is re-exported here, so a lab
+Layout: one module per lab, named after it (``metrics``, ``padim``, ``patchcore``, ``semi_orthogonal``,
+``flows``, ``reconstruction``, ``distillation``, ``dmad``, ``diad``), the shared reporting machinery in
+``_common``, the pipeline helpers in ``project`` and the student edition in ``editions``.  Everything public is re-exported here, so a lab
 imports ``from vadlab.labs import check_...``.
 """
 
