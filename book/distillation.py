@@ -323,4 +323,5 @@ plt.show()
 #    reconstruct more detail. Does the pixel AUROC go up (sharper normal reconstructions) or down
 #    (defects copied too)?
 #
-# This chapter has no lab yet ({doc}`course_labs` lists the labs).
+# The lab of this chapter, {download}`labs/lab_distillation.py` (see {doc}`course_labs`), has you implement
+# MKD's multiresolution distillation loss.

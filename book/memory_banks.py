@@ -568,3 +568,5 @@ else:
 #
 # The lab of this chapter, {download}`labs/lab_patchcore.py` (see {doc}`course_labs`), has you implement
 # greedy $k$-center selection.
+# Its second lab, {download}`labs/lab_semi_orthogonal.py`, has you implement the random semi-orthogonal matrix
+# and the projected Mahalanobis distance.

@@ -21,14 +21,21 @@ BOOK = ROOT / "book"
 _TOC = yaml.safe_load((BOOK / "_toc.yml").read_text())
 #: the chapters of the "Methods" part of the table of contents
 METHOD_CHAPTERS = [c["file"] for part in _TOC["parts"] if part.get("caption") == "Methods" for c in part["chapters"]]
-#: chapter -> its course lab in book/labs/ (None: the chapter has no lab yet)
-LABS = {"padim": "lab_padim", "memory_banks": "lab_patchcore", "normalizing_flows": "lab_flows",
-        "reconstruction": "lab_reconstruction", "distillation": None, "dmad": "lab_dmad", "diffusion": "lab_diad",
-        "data_and_metrics": "lab_metrics"}
+#: chapter -> its course labs in book/labs/ (a name, a tuple of names, or None: the chapter has no lab yet)
+LABS = {"padim": "lab_padim", "memory_banks": ("lab_patchcore", "lab_semi_orthogonal"),
+        "normalizing_flows": "lab_flows", "reconstruction": "lab_reconstruction", "distillation": "lab_distillation",
+        "dmad": "lab_dmad", "diffusion": "lab_diad", "data_and_metrics": "lab_metrics"}
 #: chapter -> the methods whose block diagram (`vadlab.visualize.schematic`, title=...) it draws "At a glance"
 SCHEMATICS = {"padim": ["PaDiM"], "memory_banks": ["PatchCore", "Semi-orthogonal embedding"],
               "normalizing_flows": ["CFLOW-AD", "PyramidFlow"], "reconstruction": ["AE-SSIM", "RIAD"],
               "distillation": ["FAVAE", "MKD"], "dmad": ["DMAD (PDM+)", "DMAD (PPDM)"], "diffusion": ["DiAD"]}
+
+
+def _labs_of(chapter: str) -> tuple[str, ...]:
+    lab = LABS[chapter]
+    return () if lab is None else (lab,) if isinstance(lab, str) else tuple(lab)
+
+
 #: phrases that mark a number as remembered or unchecked; none may stay in the book
 HEDGES = ("as recalled", "as i recall", "unverified", "from memory", "likely, not certain",
           "attribution likely", "not 100% verified")
@@ -66,11 +73,13 @@ def _bib_keys() -> set[str]:
 
 def test_the_methods_part_is_what_the_checks_expect() -> None:
     assert set(METHOD_CHAPTERS) == set(LABS) - {"data_and_metrics"}, METHOD_CHAPTERS
-    for chapter, lab in LABS.items():
-        assert lab is None or (BOOK / "labs" / f"{lab}.py").is_file(), lab
+    for chapter in LABS:
+        for lab in _labs_of(chapter):
+            assert (BOOK / "labs" / f"{lab}.py").is_file(), lab
     lab_toc = yaml.safe_load((BOOK / "labs" / "_toc.yml").read_text())
     listed = {c["file"] for c in lab_toc["chapters"]}
-    assert {lab for lab in LABS.values() if lab} == listed, "a lab exists that no chapter links (or vice versa)"
+    assert {lab for chapter in LABS for lab in _labs_of(chapter)} == listed, \
+        "a lab exists that no chapter links (or vice versa)"
 
 
 @pytest.mark.parametrize("chapter", METHOD_CHAPTERS)
@@ -101,8 +110,7 @@ def test_method_chapter_ends_with_summary_exercises_and_lab(chapter: str) -> Non
     assert text.rfind("## Summary") < text.rfind("## Exercises"), f"{chapter}: the summary comes before the exercises"
     tail = text[text.rfind("## Summary"):]
     assert not re.search(r"^## (?!Summary|Exercises)", tail, flags=re.M), f"{chapter}: sections after the exercises"
-    lab = LABS[chapter]
-    if lab is not None:
+    for lab in _labs_of(chapter):
         assert f"{{download}}`labs/{lab}.py`" in exercises, f"{chapter}: no link to its lab book/labs/{lab}.py"
     assert "{doc}`course_labs`" in exercises, f"{chapter}: no link to the course-labs page"
 

@@ -21,7 +21,7 @@ from vadlab import labs
 ROOT = Path(__file__).resolve().parents[1]
 LAB_DIR = ROOT / "book" / "labs"
 EXERCISES = ["auroc", "aupro", "mahalanobis_map", "greedy_coreset", "affine_coupling", "ssim_map", "quantize",
-             "ddim_step"]
+             "ddim_step", "semi_orthogonal", "mkd_loss"]
 
 
 def _check(name: str, *fns, **kwargs) -> bool:
@@ -318,6 +318,123 @@ def test_ddim_rejects(capsys, kwargs, words):
     assert not ok and words in out
 
 
+# ------------------------------------------------------------------------------------------ semi-orthogonal
+
+
+def so_matrix_student(n_rows, n_cols, seed=0, sign_fix=True, float64_draw=True, check=True):
+    if check and not 1 <= n_cols <= n_rows:
+        raise ValueError("k must be between 1 and F")
+    g = torch.Generator().manual_seed(seed)
+    omega = torch.randn(n_rows, n_cols, generator=g, dtype=torch.float64 if float64_draw else torch.float32)
+    q, r = torch.linalg.qr(omega)
+    if sign_fix:
+        q = q @ torch.diag(torch.sign(torch.diag(r)))
+    return q.to(torch.float32)
+
+
+def so_distance_student(x, mean, cov, W, ridge, invert_first=False, ridge_used=True, root=True):
+    d = x - mean
+    if invert_first:  # invert the F x F covariance, then project the precision
+        prec = W.T @ torch.linalg.inv(cov + ridge * torch.eye(cov.shape[0], dtype=cov.dtype)) @ W
+    else:
+        prec = torch.linalg.inv(W.T @ cov @ W + (ridge if ridge_used else 0.0) * torch.eye(W.shape[1], dtype=cov.dtype))
+    z = d @ W
+    m2 = ((z @ prec) * z).sum(1)
+    return m2.clamp_min(0).sqrt() if root else m2
+
+
+def so_distance_via_projection(x, mean, cov, W, ridge):
+    """Projecting with the F x F matrix W W^T gives the same numbers (at an F x F inverse's cost): accepted."""
+    P = W @ W.T
+    d = (x - mean) @ P
+    prec = torch.linalg.inv(P @ cov @ P + ridge * torch.eye(cov.shape[0], dtype=cov.dtype))
+    return ((d @ prec) * d).sum(1).clamp_min(0).sqrt()
+
+
+def test_semi_orthogonal_student_style_passes(capsys):
+    ok, out = _verdict(capsys, "semi_orthogonal", so_matrix_student, so_distance_student)
+    assert ok, out
+    ok, out = _verdict(capsys, "semi_orthogonal", so_matrix_student, so_distance_via_projection)
+    assert ok, out
+
+
+@pytest.mark.parametrize("matrix_kwargs, distance_kwargs, words", [
+    ({"sign_fix": False}, {}, "sign of the matching diagonal entry of R"),
+    ({"float64_draw": False}, {}, "in float64"),
+    ({"check": False}, {}, "raise ValueError otherwise"),
+    ({}, {"invert_first": True}, "project first, then invert"),
+    ({}, {"ridge_used": False}, "add ridge * I"),
+    ({}, {"root": False}, "squared distances"),
+])
+def test_semi_orthogonal_rejects(capsys, matrix_kwargs, distance_kwargs, words):
+    ok, out = _verdict(capsys, "semi_orthogonal", lambda n, k, s=0: so_matrix_student(n, k, s, **matrix_kwargs),
+                       lambda *a: so_distance_student(*a, **distance_kwargs))
+    assert not ok and words in out and "FAIL" in out
+
+
+def test_semi_orthogonal_rejects_a_gaussian_matrix(capsys):
+    def gaussian(n_rows, n_cols, seed=0):
+        if not 1 <= n_cols <= n_rows:
+            raise ValueError("k")
+        return torch.randn(n_rows, n_cols, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).float()
+
+    ok, out = _verdict(capsys, "semi_orthogonal", gaussian, so_distance_student)
+    assert not ok and "`W^T W` differs" in out and "orthonormalise it" in out
+
+
+# ------------------------------------------------------------------------------------------ MKD
+
+
+def mkd_student(student_feats, teacher_feats, lamda, per_position=False, lamda_on_direction=False, summed=False,
+                average_layers=False):
+    total = 0.0
+    for c, t in zip(student_feats, teacher_feats):
+        if per_position:  # cosine of the channel vectors at each position, averaged over positions
+            direction = (1 - torch.nn.functional.cosine_similarity(c, t, dim=1)).flatten(1).mean(1)
+        else:
+            direction = 1 - torch.nn.functional.cosine_similarity(c.flatten(1), t.flatten(1), dim=1)
+        sq = (c - t).pow(2).flatten(1)
+        value = sq.sum(1) if summed else sq.mean(1)
+        total = total + (lamda * direction + value if lamda_on_direction else direction + lamda * value)
+    return total / len(student_feats) if average_layers else total
+
+
+def test_mkd_student_style_passes(capsys):
+    ok, out = _verdict(capsys, "mkd_loss", mkd_student)
+    assert ok, out
+
+
+@pytest.mark.parametrize("kwargs, words", [({"per_position": True}, "whole flattened maps"),
+                                           ({"lamda_on_direction": True}, "lamda weighs the value"),
+                                           ({"summed": True}, "*mean* of the squared differences"),
+                                           ({"average_layers": True}, "summed over the layers")])
+def test_mkd_rejects(capsys, kwargs, words):
+    ok, out = _verdict(capsys, "mkd_loss", lambda s, t, lam: mkd_student(s, t, lam, **kwargs))
+    assert not ok and words in out
+
+
+def test_mkd_rejects_a_batch_mean(capsys):
+    ok, out = _verdict(capsys, "mkd_loss", lambda s, t, lam: mkd_student(s, t, lam).mean())
+    assert not ok and "has shape [], expected [2]" in out
+
+
+def test_mkd_reference_is_the_package_loss():
+    """The check's reference is MKD.loss_per_image itself, run on given feature maps."""
+    from vadlab.methods.mkd import MKD
+
+    model = MKD(image_size=64)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        feats_s, feats_t = model.student(model.backbone.normalize(x)), model.teacher(x)
+        torch.testing.assert_close(labs.reference("mkd_loss")(feats_s, feats_t, model.config.lamda),
+                                   model.loss_per_image(x))
+
+
+def test_a_report_with_feature_lists_stays_short(capsys):
+    ok, out = _verdict(capsys, "mkd_loss", lambda s, t, lam: mkd_student(s, t, lam, summed=True))
+    assert not ok and "list of 4: tensor [2, 8, 16, 16] float64" in out and len(out) < 20_000
+
+
 # ------------------------------------------------------------------------------------------ behaviour
 
 
@@ -440,7 +557,7 @@ def test_student_version_rejects_bad_markers(bad, words):
 
 def test_the_labs_have_exercises_checks_goals_and_an_open_question():
     labs_found = sorted(LAB_DIR.glob("lab_*.py"))
-    assert len(labs_found) == 7, labs_found
+    assert len(labs_found) == 9, labs_found
     checks_used = set()
     for path in labs_found:
         text = path.read_text()

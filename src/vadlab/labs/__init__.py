@@ -22,9 +22,9 @@ tagged ``solution`` the lines between ``# BEGIN SOLUTION`` and ``# END SOLUTION`
 entirely.  Everything else is kept byte for byte.  ``python -m vadlab.labs student|instructor SRC DST``
 writes a copy of a lab folder as one edition (used by ``scripts/build_labs.sh``).
 
-Layout: one module per lab, named after it (``metrics``, ``padim``, ``patchcore``, ``flows``,
-``reconstruction``, ``dmad``, ``diad``), the shared reporting machinery in ``_common``, the pipeline helpers
-in ``project`` and the student edition in ``editions``.  Everything public is re-exported here, so a lab
+Layout: one module per lab, named after it (``metrics``, ``padim``, ``patchcore``, ``semi_orthogonal``,
+``flows``, ``reconstruction``, ``distillation``, ``dmad``, ``diad``), the shared reporting machinery in
+``_common``, the pipeline helpers in ``project`` and the student edition in ``editions``.  Everything public is re-exported here, so a lab
 imports ``from vadlab.labs import check_...``.
 """
 
@@ -34,6 +34,7 @@ from typing import Callable
 
 from ._common import Failure, last_failure
 from .diad import _ref_ddim_step, check_ddim_step
+from .distillation import _ref_mkd_loss, check_mkd_loss
 from .dmad import _ref_quantize, check_quantize
 from .editions import EDITIONS, PLACEHOLDER, student_version, write_lab_edition, write_student_labs
 from .flows import _ref_coupling_forward, _ref_coupling_inverse, check_affine_coupling
@@ -42,6 +43,7 @@ from .padim import _ref_mahalanobis_map, check_mahalanobis_map
 from .patchcore import _ref_greedy_coreset, check_greedy_coreset
 from .project import project_root, results_table, show_params
 from .reconstruction import _ref_ssim_map, check_ssim_map, ssim_blur
+from .semi_orthogonal import _ref_projected_mahalanobis, _ref_semi_orthogonal_matrix, check_semi_orthogonal
 
 __all__ = [
     "check_auroc",
@@ -52,6 +54,8 @@ __all__ = [
     "check_ssim_map",
     "check_quantize",
     "check_ddim_step",
+    "check_semi_orthogonal",
+    "check_mkd_loss",
     "ssim_blur",
     "reference",
     "last_failure",
@@ -73,11 +77,14 @@ _REFERENCES: dict[str, Callable | tuple[Callable, ...]] = {
     "ssim_map": _ref_ssim_map,
     "quantize": _ref_quantize,
     "ddim_step": _ref_ddim_step,
+    "semi_orthogonal": (_ref_semi_orthogonal_matrix, _ref_projected_mahalanobis),
+    "mkd_loss": _ref_mkd_loss,
 }
 
 
 def reference(exercise: str) -> Callable | tuple[Callable, ...]:
-    """The package's implementation in the signature of an exercise (a tuple for ``affine_coupling``)."""
+    """The package's implementation in the signature of an exercise (a tuple for ``affine_coupling`` and
+    ``semi_orthogonal``)."""
     if exercise not in _REFERENCES:
         raise KeyError(f"unknown exercise {exercise!r}; choose one of {sorted(_REFERENCES)}")
     return _REFERENCES[exercise]

@@ -70,6 +70,8 @@ def _describe(v: Any) -> str:
         return f"tensor {list(v.shape)} {str(v.dtype).replace('torch.', '')}"
     if isinstance(v, np.ndarray):
         return f"array {list(v.shape)} {v.dtype}"
+    if isinstance(v, (list, tuple)) and v and all(isinstance(x, (torch.Tensor, np.ndarray)) for x in v):
+        return f"{type(v).__name__} of {len(v)}: " + ", ".join(_describe(x) for x in v)
     if isinstance(v, torch.nn.Module):
         return type(v).__name__
     if callable(v):
