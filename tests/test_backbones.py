@@ -6,7 +6,7 @@ import skimage.data
 import torch
 import torch.nn.functional as F
 
-from vadlab.backbones import FeatureExtractor, WeightsUnavailableError, create_backbone
+from vadlab.backbones import FeatureExtractor, WeightsUnavailableError, create_backbone, fuse_batchnorm
 
 
 def _photo(name: str) -> torch.Tensor:
@@ -46,7 +46,29 @@ def test_feature_extractor_matches_full_model():
         h = full.bn1(full.conv_stem(fe.normalize(x)))
         for block in full.blocks[:3]:
             h = block(h)
-        np.testing.assert_allclose(fe(x)[0].numpy(), h.numpy(), rtol=1e-5, atol=1e-5)
+        ours = fe(x)[0]
+    # the frozen extractor has its batch norms folded into its convolutions: the same function, rounded
+    # differently (a wrong or missing weight would be off by far more than 1e-5 of the features' scale)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fe.modules())
+    assert float((ours - h).abs().max()) <= 1e-5 * float(h.abs().max())
+
+
+def test_batchnorm_folding_keeps_the_function_and_leaves_trainable_extractors_alone():
+    frozen = FeatureExtractor("efficientnet_lite0", ("blocks.2",))
+    trainable = FeatureExtractor("efficientnet_lite0", ("blocks.2",), trainable=True).eval()
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in trainable.modules())
+    x = torch.rand(3, 3, 96, 80)
+    with torch.no_grad():
+        a, b = frozen(x)[0], trainable(x)[0]
+    assert float((a - b).abs().max()) <= 1e-5 * float(b.abs().max())
+    # folding by hand: a conv followed by a batch norm, the fold equals the pair
+    conv, bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.uniform_(0.5, 2), bn.bias.uniform_(-1, 1)
+    pair = torch.nn.Sequential(conv, bn).eval()
+    reference = pair(x).detach()
+    assert fuse_batchnorm(pair) == 1 and isinstance(pair[1], torch.nn.Identity)
+    assert torch.allclose(pair(x), reference, atol=1e-5)
 
 
 def test_bad_layer_and_backbone_names():

@@ -172,6 +172,35 @@ def _source_key(key: str, source: dict) -> str:
     raise RuntimeError(f"cannot copy weight {key} into the feature extractor: no such tensor in the full model")
 
 
+def fuse_batchnorm(model: nn.Module) -> int:
+    """Fold every eval-mode batch norm that directly follows a convolution into that convolution, in place.
+
+    ``bn(conv(x)) = gamma (W x + b - mu) / sqrt(var + eps) + beta`` is a convolution with rescaled weights
+    and a new bias, so a frozen network computes the same function in one pass instead of two (batch norm
+    is about 30 % of EfficientNet-Lite0's CPU time). A convolution and the batch norm registered right after
+    it in the same module are the pair (timm's EfficientNet, ResNet, ... blocks apply them in that order);
+    the batch norm becomes its activation (timm's ``BatchNormAct2d``) or an identity. Returns the number of
+    pairs folded. Callers check the result against the unfused network (:class:`FeatureExtractor` does).
+    """
+    folded = 0
+    for parent in list(model.modules()):
+        children = list(parent.named_children())
+        for (_, conv), (bn_name, bn) in zip(children, children[1:]):
+            if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats
+                    and bn.num_features == conv.out_channels):
+                continue
+            with torch.no_grad():
+                scale = (bn.weight if bn.affine else torch.ones_like(bn.running_var)) / torch.sqrt(bn.running_var + bn.eps)
+                shift = (bn.bias if bn.affine else torch.zeros_like(bn.running_mean)) - bn.running_mean * scale
+                conv.weight.mul_(scale.view(-1, 1, 1, 1))
+                bias = shift if conv.bias is None else conv.bias * scale + shift
+                conv.bias = nn.Parameter(bias, requires_grad=conv.weight.requires_grad)
+            after = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None)) if m is not None]
+            setattr(parent, bn_name, nn.Sequential(*after) if after else nn.Identity())
+            folded += 1
+    return folded
+
+
 class FeatureExtractor(nn.Module):
     """Frozen backbone returning the feature maps of chosen layers for images in [0, 1].
 
@@ -211,6 +240,22 @@ class FeatureExtractor(nn.Module):
         if not trainable:
             self.requires_grad_(False)
             self.eval()
+            self._fuse()
+
+    def _fuse(self) -> None:
+        """Fold the frozen network's batch norms into its convolutions, if that leaves its features unchanged
+        on a probe image (up to float rounding); otherwise keep the network as it is."""
+        import copy
+
+        fused = copy.deepcopy(self.body)
+        if fuse_batchnorm(fused) == 0:
+            return
+        probe = self.normalize(torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)))
+        with torch.no_grad():
+            errors = [float((a - b).abs().max() / b.abs().max().clamp_min(1e-6))
+                      for a, b in zip(fused(probe), self.body(probe))]
+        if max(errors) < 1e-4:
+            self.body = fused
 
     def train(self, mode: bool = True) -> "FeatureExtractor":
         """A frozen extractor stays in eval mode (batch-norm statistics never change)."""

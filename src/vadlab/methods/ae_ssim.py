@@ -36,9 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from vadlab.backbones import upsample_to
 from vadlab.methods.base import AnomalyMethod, check_images, iter_images
-from vadlab.nn.filters import gaussian_blur, sigma_for
+from vadlab.nn.filters import sigma_for, upsample_blur
 from vadlab.nn.similarity import ssim_loss, ssim_map
 
 # ----------------------------------------------------------------------------- shared training helpers
@@ -249,7 +248,7 @@ class AESSIM(AnomalyMethod):
         scores, maps = [], []
         for chunk in images.split(cfg.batch_size):
             dissim = self.dissimilarity(resize_images(chunk, cfg.image_size))
-            m = gaussian_blur(upsample_to(dissim, chunk.shape[-2:]), sigma_for(cfg.sigma, chunk.shape[-1]))
+            m = upsample_blur(dissim, chunk.shape[-2:], sigma_for(cfg.sigma, chunk.shape[-1]))
             maps.append(m)
             scores.append(m.flatten(1).amax(1))
         return torch.cat(scores), torch.cat(maps)

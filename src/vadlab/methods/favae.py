@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from vadlab.backbones import FeatureExtractor, upsample_to
 from vadlab.methods.ae_ssim import epoch_batches, epoch_record, gather_images, random_flips, resize_images, seeded
 from vadlab.methods.base import AnomalyMethod, check_images
-from vadlab.nn.filters import gaussian_blur, sigma_for
+from vadlab.nn.filters import sigma_for, upsample_blur
 
 #: feature points at strides 2, 4, 8 (shallow to deep) for each supported frozen network
 TEACHER_LAYERS: dict[str, tuple[str, ...]] = {
@@ -236,8 +236,7 @@ class FAVAE(AnomalyMethod):
         scores, maps = [], []
         for chunk in images.split(cfg.batch_size):
             _, errors = self.error_maps(chunk)
-            m = upsample_to(sum(errors), chunk.shape[-2:])
-            m = gaussian_blur(m, sigma_for(cfg.sigma, chunk.shape[-1], cfg.sigma_reference))
+            m = upsample_blur(sum(errors), chunk.shape[-2:], sigma_for(cfg.sigma, chunk.shape[-1], cfg.sigma_reference))
             maps.append(m)
             scores.append(m.flatten(1).amax(1))
         return torch.cat(scores), torch.cat(maps)

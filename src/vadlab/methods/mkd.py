@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from vadlab.backbones import FeatureExtractor, upsample_to
 from vadlab.methods.ae_ssim import epoch_batches, epoch_record, gather_images, random_flips, resize_images, seeded
 from vadlab.methods.base import AnomalyMethod, check_images
-from vadlab.nn.filters import gaussian_blur, sigma_for
+from vadlab.nn.filters import sigma_for, upsample_blur
 
 #: teacher layers at strides 4, 8, 16, 32, and whether a 2x2 max-pool follows the feature point
 TEACHER_LAYERS: dict[str, tuple[tuple[str, ...], bool]] = {
@@ -201,7 +201,7 @@ class MKD(AnomalyMethod):
             fn = self.gradient_map if cfg.localization == "gradient" else self.discrepancy_map
             s, m = fn(x)
             with torch.no_grad():
-                m = gaussian_blur(upsample_to(m, chunk.shape[-2:]),
+                m = upsample_blur(m, chunk.shape[-2:],
                                   sigma_for(cfg.sigma, chunk.shape[-1], cfg.sigma_reference))
             maps.append(m)
             scores.append(s)

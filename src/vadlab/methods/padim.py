@@ -21,9 +21,9 @@ from typing import Iterable
 import torch
 from tqdm.auto import tqdm
 
-from vadlab.backbones import FeatureExtractor, upsample_to
+from vadlab.backbones import FeatureExtractor
 from vadlab.methods.base import AnomalyMethod, check_images, iter_images
-from vadlab.nn.filters import gaussian_blur, sigma_for
+from vadlab.nn.filters import sigma_for, upsample_blur
 from vadlab.nn.gaussian import PositionalGaussian, multiscale_embedding
 
 
@@ -72,7 +72,13 @@ class Padim(AnomalyMethod):
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Random-subset multi-scale embedding ``[B, d, H/4, W/4]`` of images in [0, 1]."""
-        return multiscale_embedding(self.backbone(images))[:, self.channel_index]
+        # select each layer's channels before the coarse layers are upsampled (the same tensor, less copying)
+        features, selected, offset = self.backbone(images), [], 0
+        for maps in features:
+            keep = self.channel_index[(self.channel_index >= offset) & (self.channel_index < offset + maps.shape[1])]
+            selected.append(maps[:, keep - offset])
+            offset += maps.shape[1]
+        return multiscale_embedding(selected, features[0].shape[-2:])
 
     @torch.no_grad()
     def fit(self, train_loader: Iterable) -> "Padim":
@@ -87,8 +93,7 @@ class Padim(AnomalyMethod):
         scores, maps = [], []
         for chunk in images.split(self.config.batch_size):
             dist = self.gaussian.distance(self.embed(chunk))
-            m = upsample_to(dist, chunk.shape[-2:])
-            m = gaussian_blur(m, sigma_for(self.config.sigma, chunk.shape[-1]))
+            m = upsample_blur(dist, chunk.shape[-2:], sigma_for(self.config.sigma, chunk.shape[-1]))
             maps.append(m)
             scores.append(m.flatten(1).amax(1))
         return torch.cat(scores), torch.cat(maps)

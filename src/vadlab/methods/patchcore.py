@@ -43,10 +43,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from vadlab.backbones import FeatureExtractor, upsample_to
+from vadlab.backbones import FeatureExtractor
 from vadlab.methods.base import AnomalyMethod, check_images, iter_images
 from vadlab.nn.coreset import greedy_coreset, nearest_neighbours, random_projection
-from vadlab.nn.filters import gaussian_blur, sigma_for
+from vadlab.nn.filters import sigma_for, upsample_blur
 
 
 @dataclass
@@ -188,8 +188,8 @@ class PatchCore(AnomalyMethod):
                                                    dist[i], index[i]))
                 else:
                     scores.append(dist[i].max())
-            m = upsample_to(dist.reshape(b, h, w), chunk.shape[-2:])
-            maps.append(gaussian_blur(m, sigma_for(self.config.sigma, chunk.shape[-1])))
+            maps.append(upsample_blur(dist.reshape(b, h, w), chunk.shape[-2:],
+                                      sigma_for(self.config.sigma, chunk.shape[-1])))
         return torch.stack(scores), torch.cat(maps)
 
 

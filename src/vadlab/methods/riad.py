@@ -34,10 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from vadlab.backbones import upsample_to
 from vadlab.methods.ae_ssim import epoch_batches, epoch_record, gather_images, random_flips, resize_images, seeded
 from vadlab.methods.base import AnomalyMethod, check_images
-from vadlab.nn.filters import gaussian_blur, sigma_for
+from vadlab.nn.filters import sigma_for, upsample_blur
 from vadlab.nn.similarity import msgms_loss, msgms_map, ssim_loss
 
 
@@ -211,7 +210,7 @@ class RIAD(AnomalyMethod):
         for chunk in images.split(cfg.batch_size):
             x = resize_images(chunk, cfg.image_size)
             dist = torch.stack([msgms_map(x, self.inpaint(x, m)) for m in masks.values()]).mean(0)
-            m = gaussian_blur(upsample_to(dist, chunk.shape[-2:]), sigma_for(cfg.sigma, chunk.shape[-1]))
+            m = upsample_blur(dist, chunk.shape[-2:], sigma_for(cfg.sigma, chunk.shape[-1]))
             maps.append(m)
             scores.append(m.flatten(1).amax(1))
         return torch.cat(scores), torch.cat(maps)

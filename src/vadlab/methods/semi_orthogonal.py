@@ -26,12 +26,13 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from vadlab.backbones import FeatureExtractor, upsample_to
+from vadlab.backbones import FeatureExtractor
 from vadlab.methods.base import AnomalyMethod, check_images, iter_images
-from vadlab.nn.filters import gaussian_blur, sigma_for
-from vadlab.nn.gaussian import PositionalGaussian, multiscale_embedding
+from vadlab.nn.filters import sigma_for, upsample_blur
+from vadlab.nn.gaussian import PositionalGaussian
 
 
 @dataclass
@@ -93,8 +94,17 @@ class SemiOrthogonal(AnomalyMethod):
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Semi-orthogonal embedding W^T x ``[B, k, H/4, W/4]`` of images in [0, 1]."""
-        x = multiscale_embedding(self.backbone(images))
-        return torch.einsum("bfhw,fk->bkhw", x, self.W).contiguous()
+        # W^T [x_1; up(x_2); ...] = sum_l up(W_l^T x_l): nearest upsampling commutes with a map over channels,
+        # so each layer is projected on its own (coarser, cheaper) grid, then upsampled and summed
+        feats, out, offset = self.backbone(images), None, 0
+        size = feats[0].shape[-2:]
+        for maps in feats:
+            part = torch.einsum("bfhw,fk->bkhw", maps, self.W[offset:offset + maps.shape[1]])
+            if part.shape[-2:] != size:
+                part = F.interpolate(part, size=size, mode="nearest")
+            out = part if out is None else out + part
+            offset += maps.shape[1]
+        return out.contiguous()
 
     @torch.no_grad()
     def fit(self, train_loader: Iterable) -> "SemiOrthogonal":
@@ -111,8 +121,7 @@ class SemiOrthogonal(AnomalyMethod):
         scores, maps = [], []
         for chunk in images.split(self.config.batch_size):
             dist = self.gaussian.distance(self.embed(chunk))
-            m = upsample_to(dist, chunk.shape[-2:])
-            m = gaussian_blur(m, sigma_for(self.config.sigma, chunk.shape[-1]))
+            m = upsample_blur(dist, chunk.shape[-2:], sigma_for(self.config.sigma, chunk.shape[-1]))
             maps.append(m)
             scores.append(m.flatten(1).amax(1))
         return torch.cat(scores), torch.cat(maps)

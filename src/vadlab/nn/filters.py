@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -43,4 +44,34 @@ def sigma_for(sigma: float, image_size: int, reference_size: int = 256) -> float
     return sigma * image_size / reference_size if sigma > 0 else 0.0
 
 
-__all__ = ["gaussian_blur", "gaussian_kernel1d", "sigma_for"]
+@lru_cache(maxsize=64)
+def _resample_blur_matrix(n_in: int, n_out: int, sigma: float, mode: str, truncate: float) -> torch.Tensor:
+    """The ``[n_out, n_in]`` matrix of bilinear resizing (align_corners=False) then the 1-D blur (float64)."""
+    eye = torch.eye(n_in, dtype=torch.float64)[:, None, :, None]  # n_in unit impulses of length n_in
+    x = F.interpolate(eye, size=(n_out, 1), mode="bilinear", align_corners=False)[:, :, :, 0]  # [n_in, 1, n_out]
+    if sigma > 0:
+        k = gaussian_kernel1d(sigma, truncate, torch.float64)
+        r = k.numel() // 2
+        x = F.conv1d(F.pad(x, (r, r), mode=mode), k.view(1, 1, -1))
+    return x[:, 0].T.contiguous()
+
+
+def upsample_blur(maps: torch.Tensor, size: tuple[int, int] | int, sigma: float, truncate: float = 4.0) -> torch.Tensor:
+    """``gaussian_blur(upsample_to(maps, size), sigma)`` of ``[B, h, w]`` maps in two small matrix products.
+
+    Bilinear resizing and the separable blur are both linear and act on rows and columns separately, so the
+    two together are ``A_h @ map @ A_w^T`` with ``A`` of shape ``[H, h]`` and ``[W, w]``: the operators are
+    built once (from unit impulses, through the same interpolation and blur) and cached. The result equals
+    the two-step computation up to float rounding, at a fraction of its cost on a CPU: no full-resolution
+    intermediate map, no single-channel convolution.
+    """
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    (h, w), (H, W) = maps.shape[-2:], size
+    r = int(truncate * sigma + 0.5) if sigma > 0 else 0
+    mode = "reflect" if r < min(H, W) else "replicate"  # gaussian_blur's rule, on the output size
+    a_h = _resample_blur_matrix(h, H, float(sigma), mode, truncate).to(maps.device, maps.dtype)
+    a_w = _resample_blur_matrix(w, W, float(sigma), mode, truncate).to(maps.device, maps.dtype)
+    return a_h @ maps @ a_w.T
+
+
+__all__ = ["gaussian_blur", "gaussian_kernel1d", "sigma_for", "upsample_blur"]
