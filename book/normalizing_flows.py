@@ -26,6 +26,7 @@
 import inspect
 import math
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -39,7 +40,7 @@ from sklearn.datasets import make_moons
 
 from vadlab.data import DEFECT_KINDS, render_sample
 from vadlab.methods import get_method
-from vadlab.methods.cflow import CFlow
+from vadlab.methods.cflow import CFlow, CFlowConfig, build_decoder
 from vadlab.methods.cflow import CPU_PRESET as CFLOW_PRESET
 from vadlab.methods.pyramidflow import (LevelCoupling, PyramidFlow, PyramidFlowNet, pyramid_compose,
                                         pyramid_decompose)
@@ -281,6 +282,91 @@ fig.tight_layout()
 plt.show()
 npt.assert_allclose((pe[0] ** 2 + pe[1] ** 2).numpy(), 1.0, atol=1e-6)  # sin^2 + cos^2 per frequency
 print(inspect.getsource(CFlow.predict))
+
+# %% [markdown]
+# ### Why the position is a condition: a controlled example
+#
+# A feature that is normal *somewhere* can be anomalous *here*: a screw head where the thread should be, a
+# component on the wrong pad.  A single unconditional density of all fibers cannot see that; one density per
+# position (PaDiM) or one flow conditioned on the position (CFLOW) can.  Below, the fiber at grid position
+# $(r, c)$ of an $8\times 8$ map is two-dimensional and normal around $\mu_{rc} = (4r/7 - 2,\ 4c/7 - 2)$, the
+# position itself, with noise $0.15$.  A *misplaced* fiber carries the normal value of the diagonally opposite
+# position.  The same `build_decoder` CFLOW uses (actnorm, 4 couplings) is trained twice by maximum likelihood,
+# once with the positional encoding $c_i$ and once with $c_i = 0$ (the same network, told nothing about where
+# the fiber is), and scores normal against misplaced fibers by $-\log \hat p(z \mid c)$.
+
+# %%
+H_grid = W_grid = 8
+rows, cols = torch.meshgrid(torch.arange(H_grid), torch.arange(W_grid), indexing="ij")
+mu_grid = torch.stack([rows, cols], -1).reshape(-1, 2).float() / 7 * 4 - 2  # [64, 2]: fiber mean = position
+pe_grid = positional_encoding_2d(16, H_grid, W_grid).flatten(1).T  # [64, 16], row-major like CFlow.condition
+
+
+def grid_fibers(n_maps: int, seed: int, source: torch.Tensor = mu_grid) -> torch.Tensor:
+    noise = 0.15 * torch.randn(n_maps * H_grid * W_grid, 2, generator=torch.Generator().manual_seed(seed))
+    return source.repeat(n_maps, 1) + noise
+
+
+toy_train, toy_cond = grid_fibers(200, 0), pe_grid.repeat(200, 1)
+toy_cfg = replace(CFlowConfig(), coupling_blocks=4, condition_channels=16)
+
+
+def fit_toy_flow(use_position: bool) -> SequentialFlow:
+    torch.manual_seed(0)
+    flow = build_decoder(2, toy_cfg, seed=0)
+    flow.layers[0].initialize(toy_train)
+    opt = torch.optim.Adam(flow.parameters(), lr=2e-3)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(1500):
+        idx = torch.randint(len(toy_train), (256,), generator=gen)
+        c = toy_cond[idx] if use_position else torch.zeros_like(toy_cond[idx])
+        u, ld = flow(toy_train[idx], c)
+        loss = -(standard_normal_logprob(u) + ld).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return flow.eval()
+
+
+normal_fibers = grid_fibers(20, 2)
+moved_fibers = grid_fibers(20, 3, source=mu_grid.flip(0))  # each position gets its opposite's normal value
+toy_labels = np.r_[np.zeros(len(normal_fibers)), np.ones(len(moved_fibers))]
+# one test map: the top-left 3x3 block misplaced, the rest normal
+one_map = mu_grid.clone()
+block = ((rows < 3) & (cols < 3)).flatten()
+one_map[block] = mu_grid.flip(0)[block]
+toy_auroc, toy_maps = {}, {}
+for use_position in (True, False):
+    flow = fit_toy_flow(use_position)
+    cond = pe_grid.repeat(20, 1) if use_position else torch.zeros(20 * 64, 16)
+    with torch.no_grad():
+        nll = [-(standard_normal_logprob(u) + ld) for u, ld in (flow(z, cond) for z in (normal_fibers, moved_fibers))]
+        u, ld = flow(one_map, cond[:64])
+    key = "conditional (c = PE)" if use_position else "unconditional (c = 0)"
+    toy_auroc[key] = image_auroc(toy_labels, torch.cat(nll).numpy())
+    toy_maps[key] = (-(standard_normal_logprob(u) + ld)).reshape(H_grid, W_grid)
+display(pd.DataFrame({"AUROC, misplaced vs normal fibers": toy_auroc}).round(3))
+assert toy_auroc["conditional (c = PE)"] > 0.99  # the position tells the flow what is normal here
+assert toy_auroc["unconditional (c = 0)"] < 0.6  # pooled over positions, a misplaced fiber looks normal
+
+fig, axes = plt.subplots(1, 3, figsize=(8.4, 2.8), layout="constrained")
+axes[0].imshow(block.reshape(H_grid, W_grid), cmap="gray")
+axes[0].set_title("misplaced fibers")
+vmax = max(float(m.max()) for m in toy_maps.values())
+for ax, (key, m) in zip(axes[1:], toy_maps.items()):
+    im = ax.imshow(m, cmap=CMAP, vmin=min(float(v.min()) for v in toy_maps.values()), vmax=vmax)
+    ax.set_title(f"$-\\log \\hat p$, {key}", fontsize=8)
+for ax in axes:
+    ax.axis("off")
+fig.colorbar(im, ax=axes[1:].tolist(), shrink=0.8, label="negative log-likelihood")
+plt.show()
+
+# %% [markdown]
+# The conditional flow flags the misplaced block; the unconditional one scores it like the rest, because
+# each misplaced value is a normal value of some other position.  On aligned objects this is the difference
+# between one flow for all positions and one flow that knows the position, at the price of $P$ extra input
+# channels to every coupling subnet.  (Exercise 6 asks what conditioning buys on a texture, where the position
+# carries no information.)
 
 # %% [markdown]
 # ## 5. PyramidFlow and volume normalization
@@ -552,6 +638,9 @@ if table_path is not None:
 # 5. *(pipeline)* Run `dvc exp run -S '+methods.pyramidflow.set.volume_norm=svn'` (the spatial variant)
 #    and read the per-category rows: for which categories does the choice matter, and does that agree with
 #    the paper's Table 1 (CVN better on capsule, pill and toothbrush; SVN on carpet, grid and zipper)?
+# 6. *(numerical)* In the controlled example of section 4, make every position's normal mean the same
+#    ($\mu_{rc} = 0$, a texture) and misplace nothing; instead add a few fibers far from 0. Does the
+#    conditional flow still beat the unconditional one? Compare their training losses and explain.
 #
 # The lab of this chapter, {download}`labs/lab_flows.py` (see {doc}`course_labs`), has you implement an
 # affine coupling layer: forward, inverse and log-determinant.
