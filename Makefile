@@ -22,7 +22,10 @@ book: setup
 	PATH=$(abspath $(BIN)):$$PATH bash scripts/build_book.sh
 
 browser-check: book
-	$(BIN)/python scripts/browser_check.py book/_build/html/padim.html --min-images 3
+	mkdir -p build
+	$(BIN)/python scripts/browser_check.py book/_build/html > build/browser_check.json
+	$(BIN)/python scripts/browser_check.py book/_build/html/padim.html --min-images 3 --require-math > /dev/null
+	for ed in student instructor; do [ ! -d build/labs/$$ed/_build/html ] || $(BIN)/python scripts/browser_check.py build/labs/$$ed/_build/html > build/browser_check_labs_$$ed.json; done
 
 labs-student: setup
 	PATH=$(abspath $(BIN)):$$PATH bash scripts/build_labs.sh student

@@ -97,6 +97,42 @@ def test_padim_chapter_renders_in_headless_chromium(builds) -> None:
     assert report["mjx_containers"] >= report["math_elements"] >= 20
 
 
+@pytest.mark.slow
+def test_every_page_renders_with_working_links_and_citations(builds) -> None:
+    html = builds[1]
+    pages = browser_check.pages_in(html)
+    assert {f"{c}.html" for c in CHAPTERS} | {"intro.html", "bibliography.html"} <= {p.name for p in pages}
+    reports = browser_check.probe_many(pages)
+    cache: dict = {}
+    bad = {Path(r["page"]).name: b for r in reports
+           if (b := browser_check.failures(r, min_images=0, require_math=False, cache=cache))}
+    assert not bad, bad
+    by_name = {Path(r["page"]).name: r for r in reports}
+    for chapter in CHAPTERS:  # every chapter cites its sources, and the links reach the references page
+        if chapter != "bibliography":
+            assert by_name[f"{chapter}.html"]["citations"], f"{chapter}: no resolved citation"
+    assert all(by_name[f"{c}.html"]["mjx_containers"] > 0 for c in ("padim", "normalizing_flows", "dmad"))
+
+
+def test_browser_check_catches_broken_links_and_citations(tmp_path) -> None:
+    (tmp_path / "bibliography.html").write_text('<html><body><div id="defard2021padim">ref</div></body></html>')
+    (tmp_path / "other.html").write_text('<html><body><h2 id="here">here</h2></body></html>')
+    page = tmp_path / "page.html"
+    page.write_text('<html><body><p><a href="other.html#here">fine</a> <a href="other.html#gone">anchor</a> '
+                    '<a href="missing.html">file</a> (<a href="bibliography.html#defard2021padim">Defard</a>) '
+                    '(<a href="bibliography.html#nobody2020">Nobody</a>) [?]</p></body></html>')
+    report = browser_check.probe(page)
+    bad = browser_check.failures(report, min_images=0, require_math=False)
+    assert any("3 broken internal links" in b for b in bad), bad  # the unresolved citation is a broken link too
+    assert any("missing.html" in b for b in bad) and any("'gone'" in b for b in bad), bad
+    assert any("1 citations do not reach" in b and "nobody2020" in b for b in bad), bad
+    assert any("unresolved citation markers" in b for b in bad), bad
+    good = tmp_path / "good.html"
+    good.write_text('<html><body><a href="other.html#here">x</a> <a href="bibliography.html#defard2021padim">y</a>'
+                    '</body></html>')
+    assert browser_check.failures(browser_check.probe(good), min_images=0, require_math=False) == []
+
+
 def test_browser_check_catches_a_broken_page(tmp_path) -> None:
     page = tmp_path / "bad.html"
     page.write_text('<html><body><p>$$x^2$$</p><span class="math">\\(a\\)</span>'
