@@ -40,7 +40,7 @@ from vadlab.methods.favae import kl_divergence
 from vadlab.methods.mkd import MKD
 from vadlab.visualize import CMAP, schematic
 
-torch.manual_seed(0)
+_ = torch.manual_seed(0)
 
 # %% [markdown]
 # ## At a glance
@@ -174,7 +174,7 @@ print("teacher layers:", [tuple(t.shape[1:]) for t in teacher])
 # forward pass, no backward.
 
 # %%
-from vadlab.data import MVTecDataset, generate  # noqa: E402
+from vadlab.data import MVTecDataset, generate
 
 root = generate(tempfile.mkdtemp(), seed=0, categories=["brick"], n_train=24, n_test=10, size=64)
 train = torch.stack([MVTecDataset(root, "brick", "train", 64)[i]["image"] for i in range(24)])
@@ -253,7 +253,7 @@ assert ratios["trained student"] > 1.3 and ratios["untrained student"] < 1.2  # 
 # {doc}`results`.
 
 # %%
-from vadlab.methods.favae import FAVAE  # noqa: E402
+from vadlab.methods.favae import FAVAE
 
 favae = FAVAE(**{**FAVAE.Config.cpu_preset().__dict__, "epochs": 15})
 favae.fit([train[i:i + 8] for i in range(0, 24, 8)])

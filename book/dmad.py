@@ -48,7 +48,7 @@ from vadlab.nn import warp as W
 from vadlab.nn.vq import VectorQuantizer
 from vadlab.visualize import CMAP, schematic
 
-torch.manual_seed(0)
+_ = torch.manual_seed(0)
 
 # %% [markdown]
 # ## At a glance
@@ -57,6 +57,8 @@ torch.manual_seed(0)
 # warped towards the normal prototype) and a residual (what the warped image still fails to match). PDM+,
 # the seed's choice for industrial images, is drawn first; PPDM, the design of the official MVTec code, runs
 # the same deformation module in front of a frozen pretrained encoder and a reverse-distillation decoder.
+# vadlab implements PDM and PDM+ (this chapter); PPDM is drawn because the published MVTec AD number
+# measures it (see the departures below).
 
 # %%
 fig, axes = plt.subplots(2, 1, figsize=(9, 4.6))
@@ -276,18 +278,24 @@ scores, maps = model.predict(images)
 torch.testing.assert_close(parts["maps"], maps)
 
 cols = ["input", "reference", "reconstruction", "mask", "A_df (px)", "A_rec"]
-fig, ax = plt.subplots(len(pick), len(cols), figsize=(2 * len(cols), 2 * len(pick)))
+fig, ax = plt.subplots(len(pick), len(cols), figsize=(2 * len(cols), 2 * len(pick) + 0.6), layout="constrained")
+maps_of = {"mask": parts["mask"][:, 0], "A_df (px)": parts["A_df"], "A_rec": parts["A_rec"]}
 for r in range(len(pick)):
     panels = [images[r].permute(1, 2, 0), parts["reference"][r].permute(1, 2, 0),
-              parts["reconstructions"][-1][r].permute(1, 2, 0).clamp(0, 1), parts["mask"][r, 0],
-              parts["A_df"][r], parts["A_rec"][r]]
+              parts["reconstructions"][-1][r].permute(1, 2, 0).clamp(0, 1), *(m[r] for m in maps_of.values())]
     for c, p in enumerate(panels):
-        ax[r, c].imshow(p, cmap=CMAP if c >= 3 else None)  # mask and maps: one colormap
-        ax[r, c].axis("off")
+        if c < 3:
+            ax[r, c].imshow(p)
+        else:  # mask and maps: one colormap, one scale per column (shared by the rows), a colorbar below
+            m = maps_of[cols[c]]
+            im = ax[r, c].imshow(p, cmap=CMAP, vmin=float(m.min()), vmax=float(m.max()))
+        ax[r, c].set_xticks([])
+        ax[r, c].set_yticks([])
         if r == 0:
-            ax[r, c].set_title(cols[c])
-    ax[r, 0].set_title(f"{'defect' if labels[pick[r]] else 'normal'}  score {scores[r]:.2f}", fontsize=9)
-plt.tight_layout()
+            ax[r, c].set_title(cols[c], fontsize=10)
+    ax[r, 0].set_ylabel(f"{'defect' if labels[pick[r]] else 'normal'}, score {scores[r]:.2f}", fontsize=9)
+for c in range(3, len(cols)):
+    fig.colorbar(ax[-1, c].images[0], ax=ax[:, c].tolist(), location="bottom", shrink=0.9, pad=0.01)
 plt.show()
 
 # %% [markdown]
@@ -432,17 +440,22 @@ pp = plus.inspect(images)
 x = pp["input"]
 back = W.warp_sequence(pp["warped_input"], list(reversed(pp["backward_fields"])))
 print("cycle error on test images:", float((back - x).pow(2)[..., 4:-4, 4:-4].mean()))
-fig, ax = plt.subplots(2, 5, figsize=(12, 5))
+fig, ax = plt.subplots(2, 5, figsize=(12, 5.4), layout="constrained")
 for r in range(2):
     i = [0, len(pick) - 1][r]
     for c, (p, title) in enumerate([(x[i].permute(1, 2, 0), "input"),
                                     (pp["warped_input"][i].permute(1, 2, 0), "x' (warped input)"),
                                     (pp["reference"][i].permute(1, 2, 0), "reconstruction of x'"),
-                                    (pp["A_df"][i], "A+_df"), (pp["A_rec"][i], "A+_rec (input frame)")]):
-        ax[r, c].imshow(p, cmap=CMAP if c >= 3 else None)
+                                    (pp["A_df"][i], "A+_df (px)"), (pp["A_rec"][i], "A+_rec (input frame)")]):
+        if c < 3:
+            ax[r, c].imshow(p)
+        else:  # the maps: one colormap, the two rows on one scale per map
+            m = pp["A_df" if c == 3 else "A_rec"][[0, len(pick) - 1]]
+            ax[r, c].imshow(p, cmap=CMAP, vmin=float(m.min()), vmax=float(m.max()))
         ax[r, c].set_title(title, fontsize=9)
         ax[r, c].axis("off")
-plt.tight_layout()
+for c in (3, 4):
+    fig.colorbar(ax[1, c].images[0], ax=ax[:, c].tolist(), location="bottom", shrink=0.9, pad=0.01)
 plt.show()
 
 # %% [markdown]

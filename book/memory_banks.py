@@ -43,7 +43,7 @@ from vadlab.metrics import image_auroc, pixel_auroc
 from vadlab.nn.coreset import covering_radius, greedy_coreset, jl_min_dim, random_projection
 from vadlab.visualize import CMAP, schematic
 
-torch.manual_seed(0)
+_ = torch.manual_seed(0)
 rng = np.random.default_rng(0)
 
 # %% [markdown]
@@ -354,9 +354,9 @@ plt.show()
 # the nearest row of the bank (checked against a brute-force search) and where it comes from.
 
 # %%
-from vadlab.backbones import upsample_to  # noqa: E402
-from vadlab.nn.coreset import nearest_neighbours  # noqa: E402
-from vadlab.nn.filters import gaussian_blur, sigma_for  # noqa: E402
+from vadlab.backbones import upsample_to
+from vadlab.nn.coreset import nearest_neighbours
+from vadlab.nn.filters import gaussian_blur, sigma_for
 
 patchcore = models["PatchCore"]
 bank = patchcore.memory_bank

@@ -50,7 +50,7 @@ from vadlab.nn.flows import (ActNorm, AffineCoupling, FixedPermutation, Invertib
 from vadlab.nn.gaussian import PositionalGaussian
 from vadlab.visualize import CMAP, schematic
 
-torch.manual_seed(0)
+_ = torch.manual_seed(0)
 plt.rcParams.update({"figure.dpi": 90, "font.size": 9})
 assert get_method("cflow") is CFlow and get_method("pyramidflow") is PyramidFlow
 
@@ -67,7 +67,7 @@ schematic({
     "cnn": (1, 0, "frozen CNN\n$K = 3$ scales", "frozen"),
     "pe": (1, 1, "positional encoding\n$c_{ij}$ (the condition)", "data"),
     "flow": (2, 0.5, "conditional flow $g_k$\nper scale (couplings)", "trained"),
-    "map": (3, 0.5, "$K - \\sum_k p_k$, $p_k$ the likelihood\n$p(f_{ij} \\mid c_{ij})$ rescaled:\nmap; max: score", "score"),
+    "map": (3, 0.5, "map $= K - \\Sigma_k\\, p_k$, $p_k$ the\nrescaled likelihood\n$p(f_{ij} \\mid c_{ij})$; max: score", "score"),
 }, [("x", "cnn"), ("cnn", "flow", "$f_{ij}$"), ("pe", "flow"), ("flow", "map", "$z$")], title="CFLOW-AD", ax=axes[0])
 schematic({
     "x": (0, 0, "image $x$", "data"),
@@ -154,7 +154,7 @@ print(inspect.getsource(AffineCoupling.forward))
 # a linear flow can do) is the baseline: the flow must reach a clearly better held-out likelihood.
 
 # %%
-torch.manual_seed(0)
+_ = torch.manual_seed(0)
 moons = torch.tensor(make_moons(2000, noise=0.06, random_state=0)[0], dtype=torch.float32)
 moons = (moons - moons.mean(0)) / moons.std(0)
 train_m, held_m = moons[:1600], moons[1600:]
@@ -188,7 +188,7 @@ print(f"the density integrates to {dens.sum().item() * cell:.3f} over the window
 fig, axes = plt.subplots(1, 3, figsize=(9, 3))
 axes[0].scatter(*train_m[:600].T, s=2)
 axes[0].set_title("training data")
-axes[1].imshow(dens, origin="lower", extent=(-2.5, 2.5, -2.5, 2.5), cmap="magma")
+fig.colorbar(axes[1].imshow(dens, origin="lower", extent=(-2.5, 2.5, -2.5, 2.5), cmap=CMAP), ax=axes[1], shrink=0.8)
 axes[1].set_title("flow density $p_X$")
 with torch.no_grad():
     axes[2].scatter(*toy(train_m[:600])[0].T, s=2)
@@ -218,7 +218,7 @@ plt.show()
 # (one position, no ridge) on fresh samples:
 
 # %%
-torch.manual_seed(1)
+_ = torch.manual_seed(1)
 D = 4
 L_true = torch.tensor(np.tril(rng.normal(size=(D, D))) + 2 * np.eye(D), dtype=torch.float32)
 mu_true = torch.randn(D)
@@ -273,12 +273,12 @@ plt.show()
 
 # %%
 pe = positional_encoding_2d(16, 8, 8)
-fig, axes = plt.subplots(1, 4, figsize=(8, 2.2))
+fig, axes = plt.subplots(1, 4, figsize=(8.6, 2.2), layout="constrained")
 for ax, ch in zip(axes, (0, 3, 8, 11)):
-    ax.imshow(pe[ch], cmap="coolwarm")
+    im = ax.imshow(pe[ch], cmap="coolwarm", vmin=-1, vmax=1)  # a signed quantity: a diverging colormap
     ax.set_title(f"PE channel {ch}")
     ax.axis("off")
-fig.tight_layout()
+fig.colorbar(im, ax=axes.tolist(), shrink=0.9)
 plt.show()
 npt.assert_allclose((pe[0] ** 2 + pe[1] ** 2).numpy(), 1.0, atol=1e-6)  # sin^2 + cos^2 per frequency
 print(inspect.getsource(CFlow.predict))

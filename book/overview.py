@@ -31,11 +31,12 @@
 #    student's imitation of a teacher); the anomaly map is the difference between what came in and what
 #    came out. Reconstruction, distillation, deformation and diffusion do this.
 #
-# The first family needs a good pretrained network and little else; the second needs training and a way
+# The first way needs a good pretrained network and little else; the second needs training and a way
 # to stop the model from reproducing the defect too.
 
 # %%
 import dataclasses
+from collections import Counter
 
 import matplotlib.pyplot as plt
 import pandas as pd
@@ -151,20 +152,23 @@ X = {"density on pretrained features": 0.05, "memory bank": 0.2, "normalizing fl
      "distillation": 0.55, "reconstruction": 0.7, "deformation": 0.85, "diffusion": 0.97}
 # y: 0 = statistics only, 1 = a training run, 2 = several training stages (DiAD)
 stages = {m: (0 if not rows.loc[m, "trains"] else 2 if m == "diad" else 1) for m in rows.index}
-fig, ax = plt.subplots(figsize=(9, 4.2))
-offsets = {}
+fig, ax = plt.subplots(figsize=(10, 4.8))
+# methods of one family at one level are stacked symmetrically around the level, so each stays on its row
+group = {m: (family_of[m], stages[m]) for m in rows.index}
+size = Counter(group.values())
+rank = {}
 for method in rows.index:
     family = family_of[method]
-    k = offsets.setdefault((family, stages[method]), 0)
-    offsets[(family, stages[method])] += 1
-    y = stages[method] + 0.22 * k
+    k = rank.setdefault(group[method], 0)
+    rank[group[method]] += 1
+    y = stages[method] + 0.2 * (k - (size[group[method]] - 1) / 2)
     marker = "o" if rows.loc[method, "pretrained network"] else "s"
     ax.scatter(X[family], y, s=110, color=COLOURS[family], marker=marker, edgecolor="k", zorder=3)
-    ax.annotate(method, (X[family], y), xytext=(8, -3), textcoords="offset points", fontsize=8)
+    ax.annotate(method, (X[family], y), xytext=(8, -3), textcoords="offset points", fontsize=9)
 for family, x in X.items():
     ax.axvline(x, color=COLOURS[family], alpha=0.15, lw=14, zorder=1)
 ax.set_xticks(list(X.values()), [f.replace(" on ", "\non ").replace("normalizing ", "normalizing\n") for f in X],
-              fontsize=7.5)
+              fontsize=9)
 ax.set_yticks([0, 1, 2], ["no training\n(statistics)", "one training run", "several stages"])
 ax.set_xlim(-0.05, 1.12)
 ax.set_ylim(-0.4, 2.6)

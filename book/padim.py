@@ -43,7 +43,7 @@ from vadlab.metrics import image_auroc, pixel_auroc
 from vadlab.nn.gaussian import PositionalGaussian, multiscale_embedding
 from vadlab.visualize import CMAP, schematic
 
-torch.manual_seed(0)
+_ = torch.manual_seed(0)
 plt.rcParams.update({"figure.dpi": 90, "font.size": 9})
 assert get_method("padim") is Padim  # the registry finds the class this chapter explains
 

@@ -38,7 +38,7 @@ from skimage.metrics import structural_similarity
 from vadlab.nn.similarity import gms_map, msgms_loss, ssim, ssim_map
 from vadlab.visualize import CMAP, schematic
 
-torch.manual_seed(0)
+_ = torch.manual_seed(0)
 
 # %% [markdown]
 # ## At a glance
@@ -76,7 +76,9 @@ plt.show()
 # contrast-structure comparison:
 #
 # $$\mathrm{SSIM}(x, y) = \frac{2\mu_x\mu_y + C_1}{\mu_x^2 + \mu_y^2 + C_1}\cdot
-#   \frac{2\sigma_{xy} + C_2}{\sigma_x^2 + \sigma_y^2 + C_2},\qquad C_1 = (0.01L)^2,\; C_2 = (0.03L)^2,$$
+#   \frac{2\sigma_{xy} + C_2}{\sigma_x^2 + \sigma_y^2 + C_2},$$
+#
+# $$C_1 = (0.01L)^2,\qquad C_2 = (0.03L)^2,$$
 #
 # with $L$ the data range.  It is 1 only for identical windows.  **Known answer:** adding a constant
 # $b$ to an image changes no variance or covariance, so the second factor is exactly 1 and
@@ -87,7 +89,7 @@ x = torch.rand(1, 1, 48, 48, dtype=torch.float64) * 0.5
 b = 0.2
 m = ssim_map(x, x + b)
 # local mean with the same window and padding, via the SSIM of x with itself's building blocks
-from vadlab.nn.similarity import _filter, gaussian_window  # noqa: E402 - internal helper, for the check only
+from vadlab.nn.similarity import _filter, gaussian_window  # an internal helper, used for this check only
 
 mu = _filter(x, gaussian_window(11, 1.5, x.dtype), "symmetric")
 c1 = 0.01 ** 2
@@ -149,7 +151,7 @@ print("GMS(ramp, flat) =", float(inner.mean()), " expected", 0.0026 / (4 * delta
 # in the test-suite):
 
 # %%
-from vadlab.methods.riad import RIAD, cell_sizes, inpainting_masks  # noqa: E402
+from vadlab.methods.riad import RIAD, cell_sizes, inpainting_masks
 
 masks = inpainting_masks(64, 8, 3, torch.Generator().manual_seed(0))
 assert torch.equal((1 - masks).sum(0), torch.ones(1, 64, 64))
@@ -179,9 +181,9 @@ print("cell sizes used at 64 px:", cell_sizes((2, 4, 8, 16), 64))
 # `RIAD.inpaint` that took each pixel from a pass that saw it would fail this assert.
 
 # %%
-from vadlab.methods.ae_ssim import epoch_batches  # noqa: E402
+from vadlab.methods.ae_ssim import epoch_batches
 
-torch.manual_seed(0)
+_ = torch.manual_seed(0)
 S, period = 32, 8
 rows = torch.arange(S).float()[None, None, :, None]
 
@@ -283,9 +285,9 @@ plt.show()
 # numbers of the full pipeline are in the Results chapter, {doc}`results`.
 
 # %%
-import tempfile  # noqa: E402
+import tempfile
 
-from vadlab.data import MVTecDataset, generate  # noqa: E402
+from vadlab.data import MVTecDataset, generate
 
 root = generate(tempfile.mkdtemp(), seed=0, categories=["brick"], n_train=24, n_test=10, size=64)
 train = torch.stack([MVTecDataset(root, "brick", "train", 64)[i]["image"] for i in range(24)])
@@ -327,7 +329,7 @@ print("training loss per epoch:", [round(h["loss"], 3) for h in model.history])
 # cannot reproduce the fine normal texture either, so the map lights up on both; its loss falls slowly.
 
 # %%
-from vadlab.methods.ae_ssim import AESSIM  # noqa: E402
+from vadlab.methods.ae_ssim import AESSIM
 
 ae = AESSIM(**{**AESSIM.Config.cpu_preset().__dict__, "epochs": 60})
 ae.fit([train[i:i + 8] for i in range(0, 24, 8)])
