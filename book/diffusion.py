@@ -138,7 +138,7 @@ print(f"sqrt(alpha_bar) at t = 999: scaled linear {sd.alpha_bars[999].sqrt():.3f
 # network $\varepsilon_\theta(x_t, t)$ predict the noise. Substituting turns $\tilde\mu_t$ into the
 # paper's eq. 2,
 #
-# $$x_{t-1} = \frac{1}{\sqrt{\alpha_t}}\Big(x_t - \frac{1-\alpha_t}{\sqrt{1-\bar\alpha_t}}\,\varepsilon_\theta(x_t, t)\Big) + \sigma_t z ,$$
+# $$x_{t-1} = \frac{1}{\sqrt{\alpha_t}}\Big(x_t - \frac{1-\alpha_t}{\sqrt{1-\bar\alpha_t}}\,\varepsilon_\theta(x_t, t)\Big) + \sigma_t \varepsilon' ,\qquad \varepsilon' \sim \mathcal N(0, I),$$
 #
 # and the training objective is plain regression of the noise (eq. 3):
 # $\min_\theta \mathbb E_{x_0, \varepsilon, t}\,\lVert \varepsilon - \varepsilon_\theta(\sqrt{\bar\alpha_t}x_0 + \sqrt{1-\bar\alpha_t}\varepsilon, t)\rVert^2$.

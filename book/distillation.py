@@ -79,9 +79,9 @@ plt.show()
 #   + \mathrm{KL}(q(z\mid x)\,\|\,p(z\mid x)) \;\ge\; \text{ELBO}.$$
 #
 # The gap is the KL divergence to the true posterior, so the bound is **tight** when $q$ is that
-# posterior.  A toy model where everything is Gaussian lets us check this exactly: $p(z) = N(0, 1)$,
-# $p(x\mid z) = N(z, s^2)$, hence $p(x) = N(0, 1 + s^2)$ and
-# $p(z\mid x) = N\!\left(\tfrac{x}{1+s^2}, \tfrac{s^2}{1+s^2}\right)$.  For $q = N(m, v)$,
+# posterior.  A toy model where everything is Gaussian lets us check this exactly: $p(z) = \mathcal N(0, 1)$,
+# $p(x\mid z) = \mathcal N(z, s^2)$, hence $p(x) = \mathcal N(0, 1 + s^2)$ and
+# $p(z\mid x) = \mathcal N\!\left(\tfrac{x}{1+s^2}, \tfrac{s^2}{1+s^2}\right)$.  For $q = \mathcal N(m, v)$,
 # $\mathbb E_q[\log p(x\mid z)] = -\tfrac12\log(2\pi s^2) - \tfrac{(x-m)^2 + v}{2s^2}$, and the KL term
 # is FAVAE's closed form `kl_divergence(mu, logvar)`.  FAVAE's training loss is the negative ELBO
 # (with a Gaussian decoder, the squared error) plus the feature-matching terms.
@@ -310,7 +310,7 @@ plt.show()
 # ## Exercises
 #
 # 1. *(numerical)* In the Gaussian toy model of the first section, compute the ELBO gap for
-#    $q = N(0, 1)$ (the prior) by hand and check it against the cell's `elbo`.
+#    $q = \mathcal N(0, 1)$ (the prior) by hand and check it against the cell's `elbo`.
 # 2. *(conceptual)* The direction loss is blind to the scale of the student's activations (the check
 #    above). What kind of defect could a student with only a direction loss miss, and how does the value
 #    loss help?

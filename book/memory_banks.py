@@ -152,8 +152,8 @@ assert covering_radius(torch.from_numpy(cloud), torch.from_numpy(cloud[sel])) < 
 # For a fixed vector $v$, $\|P^\top v\|^2 / \|v\|^2$ is a $\chi^2_d / d$ variable: mean 1, standard
 # deviation $\sqrt{2/d}$, so the distance ratio has spread $\approx 1/\sqrt{2d}$.  The
 # Johnson–Lindenstrauss lemma {cite:p}`johnson1984jl` turns the $\chi^2$ tail bound into a union bound over all pairs:
-# $d \ge 4 \ln N / (\varepsilon^2/2 - \varepsilon^3/3)$ keeps *every* pairwise distance within
-# $1 \pm \varepsilon$ with positive probability.  PatchCore uses $d = 128$ (official code).
+# $d \ge 4 \ln N / (\eta^2/2 - \eta^3/3)$ keeps *every* pairwise distance within
+# $1 \pm \eta$ with positive probability.  PatchCore uses $d = 128$ (official code).
 
 # %%
 x = torch.randn(300, 1024, dtype=torch.float64) * torch.linspace(2, 0.1, 1024, dtype=torch.float64)

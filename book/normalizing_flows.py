@@ -385,8 +385,8 @@ npt.assert_allclose(pyramid_compose(levels).numpy(), img.numpy(), atol=1e-6)
 # %% [markdown]
 # **Why volume normalization.** PyramidFlow's loss pulls the latents of *normal images together*
 # (pairwise differences, no likelihood term). Any flow could satisfy that by shrinking everything:
-# $f(x) = \epsilon x$ makes every difference tiny and would flag nothing. In likelihood terms the shrinking
-# is paid for by $\log|\det J| = D\log\epsilon \to -\infty$; PyramidFlow removes the term instead by
+# $f(x) = a x$ with $0 < a \ll 1$ makes every difference tiny and would flag nothing. In likelihood terms the shrinking
+# is paid for by $\log|\det J| = D\log a \to -\infty$; PyramidFlow removes the term instead by
 # forcing $|\det J| = 1$. Its **volume normalization** subtracts the mean of the log-scales (over channels,
 # CVN, or positions, SVN): with $\sum_i s_i = 0$ the coupling's $\log|\det J| = 0$, so
 #
@@ -447,7 +447,7 @@ assert abs(a.item()) < 1e-3
 # resolution ("pyramid difference"), averaged over channels, then the mean magnitude of its 2-D Fourier
 # transform ("Fourier loss"). The transform is the unnormalised DFT of the official code (`torch.fft.fft2`
 # with its default `norm="backward"`); `fft_norm="ortho"` divides it by $\sqrt{HW}$, which matters despite
-# Adam's scale invariance because gradient clipping at 1.0, Adam's $\epsilon = 10^{-4}$ and its weight
+# Adam's scale invariance because gradient clipping at 1.0, Adam's `eps` $= 10^{-4}$ and its weight
 # decay are absolute. At test time the map is the composed pyramid of $|z_l - \bar z_l|$.
 
 # %%

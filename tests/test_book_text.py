@@ -171,3 +171,19 @@ def test_references_page_and_bibtex_are_configured() -> None:
     assert config["bibtex_bibfiles"] == ["references.bib"]
     assert "{bibliography}" in (BOOK / "bibliography.md").read_text()
     assert "bibliography" in _pages() and "notation" in _pages() and "overview" in _pages()
+
+
+#: symbols the notation page gives one meaning, and the pages whose prose may use them (with that meaning):
+#: the covariance ridge and Gaussian noise.  A new use of either for something else gets another symbol.
+RESERVED = {r"\epsilon": {"padim", "notation"}, r"\varepsilon": {"diffusion", "notation"}}
+
+
+def test_reserved_symbols_keep_their_one_meaning() -> None:
+    for name, page in _pages().items():
+        text = _markdown(page)
+        for symbol, allowed in RESERVED.items():
+            if re.search(re.escape(symbol) + r"(?![A-Za-z])", text):
+                assert name in allowed, f"{page.name} uses {symbol}, which book/notation.md reserves"
+        for math in re.findall(r"\$+[^$]+\$+", text):  # a Gaussian is \mathcal N in every formula
+            plain = re.sub(r"\\mathcal\s*\{?N\}?", "", math)
+            assert not re.search(r"(?<![\\A-Za-z_^])N(\\!)?(\(|\\left\(|\\big\()", plain), f"{page.name}: plain N in {math}"
