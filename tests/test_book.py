@@ -114,6 +114,26 @@ def test_every_page_renders_with_working_links_and_citations(builds) -> None:
     assert all(by_name[f"{c}.html"]["mjx_containers"] > 0 for c in ("padim", "normalizing_flows", "dmad"))
 
 
+@pytest.mark.slow
+def test_both_lab_editions_build_and_every_lab_page_renders(tmp_path) -> None:
+    """The course labs as a student and an instructor open them: built, executed, and clean in Chromium."""
+    env = dict(os.environ, LABS_OUT=str(tmp_path), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    proc = subprocess.run(["bash", "scripts/build_labs.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"lab build failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    labs = sorted(p.stem for p in (ROOT / "book" / "labs").glob("lab_*.py"))
+    for edition in ("student", "instructor"):
+        html = tmp_path / edition / "_build" / "html"
+        pages = browser_check.pages_in(html)
+        assert {f"{lab}.html" for lab in labs} <= {p.name for p in pages}, edition
+        cache: dict = {}
+        bad = {Path(r["page"]).name: b for r in browser_check.probe_many(pages)
+               if (b := browser_check.failures(r, min_images=0, require_math=False, cache=cache))}
+        assert not bad, (edition, bad)
+        for lab in labs:
+            assert _outputs(html / f"{lab}.html")["errors"] == 0, f"{edition}/{lab}: an error output was rendered"
+
+
 def test_browser_check_catches_broken_links_and_citations(tmp_path) -> None:
     (tmp_path / "bibliography.html").write_text('<html><body><div id="defard2021padim">ref</div></body></html>')
     (tmp_path / "other.html").write_text('<html><body><h2 id="here">here</h2></body></html>')
