@@ -71,6 +71,47 @@ def test_batchnorm_folding_keeps_the_function_and_leaves_trainable_extractors_al
     assert torch.allclose(pair(x), reference, atol=1e-5)
 
 
+def test_frozen_extractor_runs_channels_last_and_returns_contiguous_float32():
+    fe = FeatureExtractor("efficientnet_lite0", ("blocks.1", "blocks.2"))
+    conv = next(m for m in fe.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    feats = fe(torch.rand(2, 3, 64, 64))
+    assert all(f.dtype == torch.float32 and f.is_contiguous() for f in feats)
+    assert feats[0].view(2, 24, -1).shape == (2, 24, 256)  # plain reshapes work on what methods receive
+
+
+def test_bfloat16_backbone_matches_float32_within_its_rounding():
+    """bfloat16 keeps 8 mantissa bits: about 0.4 % per operation, a few per cent after a dozen blocks.
+    The features must agree within 6 % (relative Frobenius norm, each layer) and correlate above 0.998
+    per image; a wrong cast (float16 overflow, features left in bfloat16) or other weights break it."""
+    layers = ("blocks.1", "blocks.2", "blocks.4")
+    exact = FeatureExtractor("efficientnet_lite0", layers)
+    fast = FeatureExtractor("efficientnet_lite0", layers, precision="bfloat16")
+    x = torch.rand(4, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = exact(x), fast(x)
+    for u, v in zip(a, b):
+        assert v.dtype == torch.float32 and v.shape == u.shape
+        assert float((v - u).norm() / u.norm()) < 0.06
+        for ui, vi in zip(u.flatten(1), v.flatten(1)):
+            assert float(torch.corrcoef(torch.stack([ui, vi]))[0, 1]) > 0.998
+        assert not torch.equal(u, v)  # the option really changes the arithmetic
+    assert exact.identity() != fast.identity()  # the feature cache keeps the two apart
+    with pytest.raises(ValueError, match="precision must be one of"):
+        FeatureExtractor("efficientnet_lite0", layers, precision="float16")
+    with pytest.raises(ValueError, match="trainable backbone runs in float32"):
+        FeatureExtractor("efficientnet_lite0", layers, trainable=True, precision="bfloat16")
+
+
+def test_methods_pass_the_backbone_precision_on():
+    from vadlab.methods import get_method
+
+    for name in ("padim", "semi_orthogonal", "patchcore", "cflow"):
+        model = get_method(name)(backbone_precision="bfloat16")
+        assert model.backbone.precision == "bfloat16", name
+        assert get_method(name)().backbone.precision == "float32", name
+
+
 def test_bad_layer_and_backbone_names():
     with pytest.raises(ValueError, match="blocks.9"):
         FeatureExtractor("efficientnet_lite0", ("blocks.9",))

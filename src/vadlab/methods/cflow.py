@@ -68,6 +68,7 @@ class CFlowConfig:
     backbone: str = "efficientnet_lite0"
     layers: tuple[str, ...] = ("blocks.2", "blocks.4", "blocks.6")
     weights: str = "imagenet"
+    backbone_precision: str = "float32"  # or "bfloat16": the frozen backbone under bfloat16 autocast
     coupling_blocks: int = 8
     clamp: float = 1.9  # soft clamp alpha of the log-scale
     condition_channels: int = 128  # P, the positional encoding width
@@ -120,7 +121,7 @@ class CFlow(AnomalyMethod):
         if cfg.condition_channels % 4:
             raise ValueError(f"condition_channels={cfg.condition_channels} must be a multiple of 4")
         torch.manual_seed(cfg.seed)
-        self.backbone = FeatureExtractor(cfg.backbone, cfg.layers, cfg.weights)
+        self.backbone = FeatureExtractor(cfg.backbone, cfg.layers, cfg.weights, precision=cfg.backbone_precision)
         self.backbone.cache_features = True  # it embeds the data's images (vadlab.backbones.FeatureCache)
         self.decoders = nn.ModuleList(build_decoder(c, cfg, cfg.seed + k) for k, c in enumerate(self.backbone.channels))
         # per-scale max per-dimension log-likelihood over the training fibers (set in fit)

@@ -34,6 +34,7 @@ class PadimConfig:
     backbone: str = "efficientnet_lite0"
     layers: tuple[str, ...] = ("blocks.1", "blocks.2", "blocks.4")
     weights: str = "imagenet"
+    backbone_precision: str = "float32"  # or "bfloat16": the frozen backbone under bfloat16 autocast
     n_features: int = 100  # random channel subset d (paper: 100 for R18, 550 for WRN-50)
     ridge: float = 0.01  # epsilon * I added to every covariance
     sigma: float = 4.0  # Gaussian blur of the map, in pixels at 256 px
@@ -56,7 +57,7 @@ class Padim(AnomalyMethod):
     def __init__(self, config: PadimConfig | None = None, **overrides) -> None:
         super().__init__(config, **overrides)
         cfg = self.config
-        self.backbone = FeatureExtractor(cfg.backbone, cfg.layers, cfg.weights)
+        self.backbone = FeatureExtractor(cfg.backbone, cfg.layers, cfg.weights, precision=cfg.backbone_precision)
         self.backbone.cache_features = True  # it embeds the data's images (vadlab.backbones.FeatureCache)
         self.backbone.to(memory_format=torch.channels_last)  # ~2x faster convolutions on CPU, same numbers up to rounding
         total = sum(self.backbone.channels)

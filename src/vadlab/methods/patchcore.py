@@ -56,6 +56,7 @@ class PatchCoreConfig:
     backbone: str = "efficientnet_lite0"
     layers: tuple[str, ...] = ("blocks.2", "blocks.4")
     weights: str = "imagenet"
+    backbone_precision: str = "float32"  # or "bfloat16": the frozen backbone under bfloat16 autocast
     patch_size: int = 3  # neighbourhood p of the local aggregation
     embed_dim: int = 1024  # target dimension d* of the adaptive channel pooling (no-op below it)
     coreset_ratio: float = 0.1  # fraction of patches kept in the memory bank (paper: 0.25 / 0.1 / 0.01)
@@ -123,7 +124,7 @@ class PatchCore(AnomalyMethod):
         if cfg.num_neighbors < 1 or cfg.embed_dim < 1 or cfg.projection_dim < 0:
             raise ValueError("num_neighbors and embed_dim must be >= 1 and projection_dim >= 0, got "
                              f"{cfg.num_neighbors}, {cfg.embed_dim}, {cfg.projection_dim}")
-        self.backbone = FeatureExtractor(cfg.backbone, cfg.layers, cfg.weights)
+        self.backbone = FeatureExtractor(cfg.backbone, cfg.layers, cfg.weights, precision=cfg.backbone_precision)
         self.backbone.cache_features = True  # it embeds the data's images (vadlab.backbones.FeatureCache)
         # channels-last convolutions are ~2x faster on CPU; results equal up to float rounding
         self.backbone.to(memory_format=torch.channels_last)

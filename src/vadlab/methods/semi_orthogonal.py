@@ -42,6 +42,7 @@ class SemiOrthogonalConfig:
     backbone: str = "efficientnet_lite0"
     layers: tuple[str, ...] = ("blocks.1", "blocks.2", "blocks.4")
     weights: str = "imagenet"
+    backbone_precision: str = "float32"  # or "bfloat16": the frozen backbone under bfloat16 autocast
     k: int = 100  # embedding dimension (paper: 100 for ResNet-18, 300 for WRN-50)
     ridge: float = 0.01  # epsilon * I added to every covariance
     sigma: float = 4.0  # Gaussian blur of the map, in pixels at 256 px
@@ -81,7 +82,7 @@ class SemiOrthogonal(AnomalyMethod):
     def __init__(self, config: SemiOrthogonalConfig | None = None, **overrides) -> None:
         super().__init__(config, **overrides)
         cfg = self.config
-        self.backbone = FeatureExtractor(cfg.backbone, cfg.layers, cfg.weights)
+        self.backbone = FeatureExtractor(cfg.backbone, cfg.layers, cfg.weights, precision=cfg.backbone_precision)
         self.backbone.cache_features = True  # it embeds the data's images (vadlab.backbones.FeatureCache)
         self.backbone.to(memory_format=torch.channels_last)  # ~2x faster on CPU, same numbers up to rounding
         total = sum(self.backbone.channels)
