@@ -20,8 +20,8 @@ from vadlab import labs
 
 ROOT = Path(__file__).resolve().parents[1]
 LAB_DIR = ROOT / "book" / "labs"
-EXERCISES = ["auroc", "aupro", "mahalanobis_map", "greedy_coreset", "affine_coupling", "ssim_map", "quantize",
-             "ddim_step", "semi_orthogonal", "mkd_loss"]
+EXERCISES = ["auroc", "aupro", "mahalanobis_map", "greedy_coreset", "affine_coupling", "positional_encoding", "ssim_map",
+             "quantize", "ddim_step", "semi_orthogonal", "mkd_loss"]
 
 
 def _check(name: str, *fns, **kwargs) -> bool:
@@ -237,6 +237,59 @@ def test_coupling_student_style_passes(capsys):
 def test_coupling_rejects(capsys, fwd, inv, words):
     ok, out = _verdict(capsys, "affine_coupling", fwd, inv)
     assert not ok and words in out
+
+
+def pe_student(channels, height, width, rows_first=False, freq_per_channel=False, sin_then_cos=False,
+               cos_first=False):
+    """CFLOW's positional encoding written entry by entry, with switches for the typical mistakes."""
+    import math
+
+    pe = torch.zeros(channels, height, width)
+    half = channels // 2
+    for k in range(half // 2):
+        w = 1.0 / 10000 ** (2 * k / (channels if freq_per_channel else half))
+        for axis, n in ((0, width), (1, height)):
+            first = 1 - axis if rows_first else axis  # which half of the channels encodes this axis
+            for pos in range(n):
+                a, b = math.sin(pos * w), math.cos(pos * w)
+                if cos_first:
+                    a, b = b, a
+                c0 = first * half + (k if sin_then_cos else 2 * k)
+                c1 = first * half + (half // 2 + k if sin_then_cos else 2 * k + 1)
+                if axis == 0:  # columns
+                    pe[c0, :, pos], pe[c1, :, pos] = a, b
+                else:  # rows
+                    pe[c0, pos, :], pe[c1, pos, :] = a, b
+    return pe
+
+
+def test_positional_encoding_student_style_passes(capsys):
+    ok, out = _verdict(capsys, "positional_encoding", pe_student)
+    assert ok, out
+
+
+@pytest.mark.parametrize("kwargs, words", [({"rows_first": True}, "the axes are swapped"),
+                                           ({"freq_per_channel": True}, "not 10000^(-2k / P)"),
+                                           ({"sin_then_cos": True}, "interleaved within each half"),
+                                           ({"cos_first": True}, "even channels hold the sines")])
+def test_positional_encoding_rejects(capsys, kwargs, words):
+    ok, out = _verdict(capsys, "positional_encoding", lambda p, h, w: pe_student(p, h, w, **kwargs))
+    assert not ok and words in out and "FAIL" in out
+
+
+def test_positional_encoding_rejects_float64_and_channels_last(capsys):
+    ok, out = _verdict(capsys, "positional_encoding", lambda p, h, w: pe_student(p, h, w).double())
+    assert not ok and "`dtype is float32` = 0" in out
+    ok, out = _verdict(capsys, "positional_encoding", lambda p, h, w: pe_student(p, h, w).permute(1, 2, 0))
+    assert not ok and "has shape [3, 5, 8], expected [8, 3, 5]" in out
+
+
+def test_positional_encoding_reference_is_cflows_condition():
+    """The check's reference is the encoding CFlow.condition flattens into one row per fiber."""
+    from vadlab.methods.cflow import CFlow
+
+    model = CFlow(weights="random", condition_channels=12)
+    torch.testing.assert_close(labs.reference("positional_encoding")(12, 3, 5).flatten(1).T, model.condition(3, 5))
 
 
 # ------------------------------------------------------------------------------------------ SSIM
