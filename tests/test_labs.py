@@ -21,7 +21,7 @@ from vadlab import labs
 ROOT = Path(__file__).resolve().parents[1]
 LAB_DIR = ROOT / "book" / "labs"
 EXERCISES = ["auroc", "aupro", "mahalanobis_map", "greedy_coreset", "affine_coupling", "positional_encoding", "ssim_map",
-             "quantize", "ddim_step", "semi_orthogonal", "mkd_loss"]
+             "quantize", "dmad_score", "ddim_step", "semi_orthogonal", "mkd_loss"]
 
 
 def _check(name: str, *fns, **kwargs) -> bool:
@@ -347,6 +347,72 @@ def test_quantize_student_style_passes(capsys):
 def test_quantize_rejects(capsys, kwargs, words):
     ok, out = _verdict(capsys, "quantize", lambda z, m, b: quantize_student(z, m, b, **kwargs))
     assert not ok and words in out and "grad" in out
+
+
+# ------------------------------------------------------------------------------------------ DMAD score
+
+
+def dmad_score_student(x, rec, fields, alpha, blur, abs_error=False, channel_sum=False, length_of_sum=False,
+                       manhattan=False, max_of_map=False, smooth=True):
+    err = (x - rec).abs() if abs_error else (x - rec) ** 2
+    a_rec = err.sum(dim=1) if channel_sum else err.mean(dim=1)
+    if length_of_sum:
+        total = torch.stack(fields).sum(0)
+        a_df = total.abs().sum(1) if manhattan else torch.linalg.vector_norm(total, dim=1)
+    else:
+        a_df = sum(f.abs().sum(1) if manhattan else torch.linalg.vector_norm(f, dim=1) for f in fields)
+    if smooth:
+        a_rec, a_df = blur(a_rec), blur(a_df)
+    if max_of_map:
+        scores = (a_rec + alpha * a_df).amax(dim=(1, 2))
+    else:
+        scores = a_rec.amax(dim=(1, 2)) + alpha * a_df.amax(dim=(1, 2))
+    return a_rec, a_df, scores
+
+
+def test_dmad_score_student_style_passes(capsys):
+    ok, out = _verdict(capsys, "dmad_score", dmad_score_student)
+    assert ok, out
+
+
+@pytest.mark.parametrize("kwargs, words", [({"abs_error": True}, "*squared* error"),
+                                           ({"channel_sum": True}, "averages the squared error over the colour"),
+                                           ({"length_of_sum": True}, "not the length of their sum"),
+                                           ({"manhattan": True}, "not |dx| + |dy|"),
+                                           ({"max_of_map": True}, "adds the two maxima"),
+                                           ({"smooth": False}, "smooth both maps with `blur`")])
+def test_dmad_score_rejects(capsys, kwargs, words):
+    ok, out = _verdict(capsys, "dmad_score", lambda *a: dmad_score_student(*a, **kwargs))
+    assert not ok and words in out and "FAIL" in out
+
+
+def test_dmad_score_rejects_a_batch_max(capsys):
+    def batch_max(x, rec, fields, alpha, blur):
+        a_rec, a_df, _ = dmad_score_student(x, rec, fields, alpha, blur)
+        return a_rec, a_df, a_rec.max() + alpha * a_df.max()
+
+    ok, out = _verdict(capsys, "dmad_score", batch_max)
+    assert not ok and "`scores` has shape [], expected [2]" in out
+
+
+def test_dmad_score_reference_is_the_package_score():
+    """The check's reference gives DMAD.inspect's scores (normalize=False) from the model's own reconstruction and
+    fields, with the model's Gaussian as the blur."""
+    from vadlab.methods.dmad import DMAD
+    from vadlab.nn.filters import gaussian_blur, sigma_for
+
+    model = DMAD(image_size=32, channels=(8, 16), latent_dim=8, n_memory=8, estimator_channels=8, normalize=False)
+    with torch.no_grad():  # non-zero deformation heads, so that the fields are not all zero
+        for head in model.estimator.heads:
+            head.weight.copy_(0.3 * torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(5)))
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    parts = model.inspect(x)
+    assert min(float(f.abs().max()) for f in parts["fields"]) > 0.1
+    sigma = sigma_for(model.config.sigma, 32)
+    a_rec, a_df, scores = labs.reference("dmad_score")(x, parts["reconstructions"][-1], parts["fields"],
+                                                      model.config.alpha, lambda m: gaussian_blur(m, sigma))
+    torch.testing.assert_close(scores, parts["scores"])
+    torch.testing.assert_close(a_rec + model.config.alpha * a_df, parts["maps"])
 
 
 # ------------------------------------------------------------------------------------------ DDIM

@@ -35,7 +35,7 @@ from typing import Callable
 from ._common import Failure, last_failure
 from .diad import _ref_ddim_step, check_ddim_step
 from .distillation import _ref_mkd_loss, check_mkd_loss
-from .dmad import _ref_quantize, check_quantize
+from .dmad import _ref_dmad_score, _ref_quantize, check_dmad_score, check_quantize
 from .editions import EDITIONS, PLACEHOLDER, student_version, write_lab_edition, write_student_labs
 from .flows import (_ref_coupling_forward, _ref_coupling_inverse, _ref_positional_encoding, check_affine_coupling,
                     check_positional_encoding)
@@ -55,6 +55,7 @@ __all__ = [
     "check_positional_encoding",
     "check_ssim_map",
     "check_quantize",
+    "check_dmad_score",
     "check_ddim_step",
     "check_semi_orthogonal",
     "check_mkd_loss",
@@ -79,6 +80,7 @@ _REFERENCES: dict[str, Callable | tuple[Callable, ...]] = {
     "positional_encoding": _ref_positional_encoding,
     "ssim_map": _ref_ssim_map,
     "quantize": _ref_quantize,
+    "dmad_score": _ref_dmad_score,
     "ddim_step": _ref_ddim_step,
     "semi_orthogonal": (_ref_semi_orthogonal_matrix, _ref_projected_mahalanobis),
     "mkd_loss": _ref_mkd_loss,
