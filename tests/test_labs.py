@@ -21,7 +21,7 @@ from vadlab import labs
 ROOT = Path(__file__).resolve().parents[1]
 LAB_DIR = ROOT / "book" / "labs"
 EXERCISES = ["auroc", "aupro", "mahalanobis_map", "greedy_coreset", "affine_coupling", "positional_encoding", "ssim_map",
-             "quantize", "dmad_score", "ddim_step", "semi_orthogonal", "mkd_loss"]
+             "quantize", "dmad_score", "ddim_step", "guided_eps", "semi_orthogonal", "mkd_loss"]
 
 
 def _check(name: str, *fns, **kwargs) -> bool:
@@ -435,6 +435,67 @@ def test_ddim_student_style_passes(capsys):
 def test_ddim_rejects(capsys, kwargs, words):
     ok, out = _verdict(capsys, "ddim_step", lambda *a: ddim_student(*a, **kwargs))
     assert not ok and words in out
+
+
+# ------------------------------------------------------------------------------------------ DiAD guidance
+
+
+def guided_eps_student(denoiser, z_t, t, guidance, no_middle=False, no_skips=False, skips_reversed=False,
+                       into_h=False, skip_first=False):
+    h, feats, emb = denoiser.encode(z_t, t)
+    g = guidance
+    if g is not None and not no_middle:
+        h = h + g.middle
+    residuals = [] if g is None or no_skips else (g.skips[::-1] if skips_reversed else g.skips)
+    n = len(feats)
+    for i, block in enumerate(denoiser.decoder):
+        skip = feats[n - 1 - i]
+        if i < len(residuals):
+            if into_h:
+                h = h + residuals[i]
+            else:
+                skip = skip + residuals[i]
+        x = torch.cat((skip, h), 1) if skip_first else torch.cat((h, skip), 1)
+        h = block(x, emb)
+    return denoiser.out(h)
+
+
+def test_guided_eps_student_style_passes(capsys):
+    ok, out = _verdict(capsys, "guided_eps", guided_eps_student)
+    assert ok, out
+
+
+@pytest.mark.parametrize("kwargs, words", [({"no_middle": True}, "the middle residual is missing"),
+                                           ({"no_skips": True}, "the skip residuals are missing"),
+                                           ({"skips_reversed": True}, "deepest first"),
+                                           ({"into_h": True}, "not into h"),
+                                           ({"skip_first": True}, "h first, then the skip feature")])
+def test_guided_eps_rejects(capsys, kwargs, words):
+    ok, out = _verdict(capsys, "guided_eps", lambda *a: guided_eps_student(*a, **kwargs))
+    assert not ok and words in out and "FAIL" in out
+
+
+def test_guided_eps_rejects_ignoring_the_guidance(capsys):
+    ok, out = _verdict(capsys, "guided_eps", lambda d, z, t, g: d(z, t))
+    assert not ok and "2 of 5 cases pass" in out and "Guidance(middle=tensor [2, 16, 4, 4] float32, skips=list of 2" in out
+
+
+def test_guided_eps_reference_is_what_diad_reconstructs_with():
+    """The check's reference is the noise prediction DiAD.eps uses: denoiser(z_t, t, sg(z_t, t, image))."""
+    from vadlab.methods.diad import DiAD
+
+    model = DiAD(ae_channels=4, ae_channel_mult=(1, 2), model_channels=8, channel_mult=(1, 2),
+                 attention_resolutions=(), num_heads=1, hint_channels=(4, 8), weights="random")
+    with torch.no_grad():  # non-zero guidance and output layers (they start at zero)
+        for p in list(model.sg.parameters()) + list(model.denoiser.out.parameters()):
+            if not p.any():
+                p.copy_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    z, image, t = torch.randn(2, 4, 8, 8), torch.rand(2, 3, 16, 16) * 2 - 1, torch.tensor([700, 20])
+    with torch.no_grad():
+        guided = labs.reference("guided_eps")(model.denoiser, z, t, model.sg(z, t, image))
+        torch.testing.assert_close(guided, model.eps(z, t, image))
+        torch.testing.assert_close(labs.reference("guided_eps")(model.denoiser, z, t, None), model.eps(z, t))
+    assert not torch.allclose(guided, model.eps(z, t))
 
 
 # ------------------------------------------------------------------------------------------ semi-orthogonal

@@ -33,7 +33,7 @@ from __future__ import annotations
 from typing import Callable
 
 from ._common import Failure, last_failure
-from .diad import _ref_ddim_step, check_ddim_step
+from .diad import _ref_ddim_step, _ref_guided_eps, check_ddim_step, check_guided_eps
 from .distillation import _ref_mkd_loss, check_mkd_loss
 from .dmad import _ref_dmad_score, _ref_quantize, check_dmad_score, check_quantize
 from .editions import EDITIONS, PLACEHOLDER, student_version, write_lab_edition, write_student_labs
@@ -57,6 +57,7 @@ __all__ = [
     "check_quantize",
     "check_dmad_score",
     "check_ddim_step",
+    "check_guided_eps",
     "check_semi_orthogonal",
     "check_mkd_loss",
     "ssim_blur",
@@ -82,6 +83,7 @@ _REFERENCES: dict[str, Callable | tuple[Callable, ...]] = {
     "quantize": _ref_quantize,
     "dmad_score": _ref_dmad_score,
     "ddim_step": _ref_ddim_step,
+    "guided_eps": _ref_guided_eps,
     "semi_orthogonal": (_ref_semi_orthogonal_matrix, _ref_projected_mahalanobis),
     "mkd_loss": _ref_mkd_loss,
 }
