@@ -125,8 +125,8 @@ if ok:
 # %% [markdown]
 # ## 4. Recap: how the input image guides the denoiser
 #
-# From $t = 900$ little of the input survives in $z_t$ (section 3: $\sqrt{\bar\alpha_t}$ is small), so a plain
-# denoiser reconstructs *some* normal image, not *this* one. DiAD gives it the input $x$ itself through the
+# From $t = 900$ little of the input survives in $z_t$ ($\sqrt{\bar\alpha_{900}} = 0.12$ on DiAD's scaled-linear
+# schedule), so a plain denoiser reconstructs *some* normal image, not *this* one. DiAD gives it the input $x$ itself through the
 # **semantic-guidance (SG) network**, a trainable copy of the denoiser's encoder half (as in ControlNet):
 #
 # 1. the image passes a conv-SiLU stack $\mathcal C$ down to the latent's size and is added to the noisy latent
@@ -254,7 +254,8 @@ plt.show()
 
 # %% [markdown]
 # The plain denoiser draws *a* normal image, a square somewhere, because $z_{800}$ says little about where it
-# was; the guided one puts it back in place, because the SG network hands it the input. Rerun with
+# was ($\sqrt{\bar\alpha_{800}} = 0.19$); the guided one puts it back in place, because the SG network hands it
+# the input. Rerun with
 # `t_start = 300`: does the plain denoiser still drift? Relate your answer to $\sqrt{\bar\alpha_{300}}$ and to
 # the open question below.
 #
