@@ -539,4 +539,5 @@ print("small-CPU preset (overrides of DiADConfig()):", CPU_PRESET)
 #    reconstruction, as figure 6 of the paper predicts?
 #
 # The lab of this chapter, {download}`labs/lab_diad.py` (see {doc}`course_labs`), has you implement one
-# DDIM step.
+# DDIM step and the guided noise prediction (the SG network's residuals entering the denoiser), and compare
+# reconstructions with and without guidance on a toy.

@@ -503,4 +503,5 @@ plt.show()
 #    from the reference into the mean field on the washer, and what happens to the scratch's score?
 #
 # The lab of this chapter, {download}`labs/lab_dmad.py` (see {doc}`course_labs`), has you implement vector
-# quantisation with the straight-through gradient.
+# quantisation with the straight-through gradient, and the score from the residual and deformation terms,
+# used on the controlled example above.

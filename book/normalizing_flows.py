@@ -643,4 +643,5 @@ if table_path is not None:
 #    conditional flow still beat the unconditional one? Compare their training losses and explain.
 #
 # The lab of this chapter, {download}`labs/lab_flows.py` (see {doc}`course_labs`), has you implement an
-# affine coupling layer: forward, inverse and log-determinant.
+# affine coupling layer (forward, inverse and log-determinant) and CFLOW's 2-D positional encoding, the
+# condition of the controlled example of section 4.

@@ -20,8 +20,8 @@ from vadlab import labs
 
 ROOT = Path(__file__).resolve().parents[1]
 LAB_DIR = ROOT / "book" / "labs"
-EXERCISES = ["auroc", "aupro", "mahalanobis_map", "greedy_coreset", "affine_coupling", "ssim_map", "quantize",
-             "ddim_step", "semi_orthogonal", "mkd_loss"]
+EXERCISES = ["auroc", "aupro", "mahalanobis_map", "greedy_coreset", "affine_coupling", "positional_encoding", "ssim_map",
+             "quantize", "dmad_score", "ddim_step", "guided_eps", "semi_orthogonal", "mkd_loss"]
 
 
 def _check(name: str, *fns, **kwargs) -> bool:
@@ -239,6 +239,59 @@ def test_coupling_rejects(capsys, fwd, inv, words):
     assert not ok and words in out
 
 
+def pe_student(channels, height, width, rows_first=False, freq_per_channel=False, sin_then_cos=False,
+               cos_first=False):
+    """CFLOW's positional encoding written entry by entry, with switches for the typical mistakes."""
+    import math
+
+    pe = torch.zeros(channels, height, width)
+    half = channels // 2
+    for k in range(half // 2):
+        w = 1.0 / 10000 ** (2 * k / (channels if freq_per_channel else half))
+        for axis, n in ((0, width), (1, height)):
+            first = 1 - axis if rows_first else axis  # which half of the channels encodes this axis
+            for pos in range(n):
+                a, b = math.sin(pos * w), math.cos(pos * w)
+                if cos_first:
+                    a, b = b, a
+                c0 = first * half + (k if sin_then_cos else 2 * k)
+                c1 = first * half + (half // 2 + k if sin_then_cos else 2 * k + 1)
+                if axis == 0:  # columns
+                    pe[c0, :, pos], pe[c1, :, pos] = a, b
+                else:  # rows
+                    pe[c0, pos, :], pe[c1, pos, :] = a, b
+    return pe
+
+
+def test_positional_encoding_student_style_passes(capsys):
+    ok, out = _verdict(capsys, "positional_encoding", pe_student)
+    assert ok, out
+
+
+@pytest.mark.parametrize("kwargs, words", [({"rows_first": True}, "the axes are swapped"),
+                                           ({"freq_per_channel": True}, "not 10000^(-2k / P)"),
+                                           ({"sin_then_cos": True}, "interleaved within each half"),
+                                           ({"cos_first": True}, "even channels hold the sines")])
+def test_positional_encoding_rejects(capsys, kwargs, words):
+    ok, out = _verdict(capsys, "positional_encoding", lambda p, h, w: pe_student(p, h, w, **kwargs))
+    assert not ok and words in out and "FAIL" in out
+
+
+def test_positional_encoding_rejects_float64_and_channels_last(capsys):
+    ok, out = _verdict(capsys, "positional_encoding", lambda p, h, w: pe_student(p, h, w).double())
+    assert not ok and "`dtype is float32` = 0" in out
+    ok, out = _verdict(capsys, "positional_encoding", lambda p, h, w: pe_student(p, h, w).permute(1, 2, 0))
+    assert not ok and "has shape [3, 5, 8], expected [8, 3, 5]" in out
+
+
+def test_positional_encoding_reference_is_cflows_condition():
+    """The check's reference is the encoding CFlow.condition flattens into one row per fiber."""
+    from vadlab.methods.cflow import CFlow
+
+    model = CFlow(weights="random", condition_channels=12)
+    torch.testing.assert_close(labs.reference("positional_encoding")(12, 3, 5).flatten(1).T, model.condition(3, 5))
+
+
 # ------------------------------------------------------------------------------------------ SSIM
 
 
@@ -296,6 +349,72 @@ def test_quantize_rejects(capsys, kwargs, words):
     assert not ok and words in out and "grad" in out
 
 
+# ------------------------------------------------------------------------------------------ DMAD score
+
+
+def dmad_score_student(x, rec, fields, alpha, blur, abs_error=False, channel_sum=False, length_of_sum=False,
+                       manhattan=False, max_of_map=False, smooth=True):
+    err = (x - rec).abs() if abs_error else (x - rec) ** 2
+    a_rec = err.sum(dim=1) if channel_sum else err.mean(dim=1)
+    if length_of_sum:
+        total = torch.stack(fields).sum(0)
+        a_df = total.abs().sum(1) if manhattan else torch.linalg.vector_norm(total, dim=1)
+    else:
+        a_df = sum(f.abs().sum(1) if manhattan else torch.linalg.vector_norm(f, dim=1) for f in fields)
+    if smooth:
+        a_rec, a_df = blur(a_rec), blur(a_df)
+    if max_of_map:
+        scores = (a_rec + alpha * a_df).amax(dim=(1, 2))
+    else:
+        scores = a_rec.amax(dim=(1, 2)) + alpha * a_df.amax(dim=(1, 2))
+    return a_rec, a_df, scores
+
+
+def test_dmad_score_student_style_passes(capsys):
+    ok, out = _verdict(capsys, "dmad_score", dmad_score_student)
+    assert ok, out
+
+
+@pytest.mark.parametrize("kwargs, words", [({"abs_error": True}, "*squared* error"),
+                                           ({"channel_sum": True}, "averages the squared error over the colour"),
+                                           ({"length_of_sum": True}, "not the length of their sum"),
+                                           ({"manhattan": True}, "not |dx| + |dy|"),
+                                           ({"max_of_map": True}, "adds the two maxima"),
+                                           ({"smooth": False}, "smooth both maps with `blur`")])
+def test_dmad_score_rejects(capsys, kwargs, words):
+    ok, out = _verdict(capsys, "dmad_score", lambda *a: dmad_score_student(*a, **kwargs))
+    assert not ok and words in out and "FAIL" in out
+
+
+def test_dmad_score_rejects_a_batch_max(capsys):
+    def batch_max(x, rec, fields, alpha, blur):
+        a_rec, a_df, _ = dmad_score_student(x, rec, fields, alpha, blur)
+        return a_rec, a_df, a_rec.max() + alpha * a_df.max()
+
+    ok, out = _verdict(capsys, "dmad_score", batch_max)
+    assert not ok and "`scores` has shape [], expected [2]" in out
+
+
+def test_dmad_score_reference_is_the_package_score():
+    """The check's reference gives DMAD.inspect's scores (normalize=False) from the model's own reconstruction and
+    fields, with the model's Gaussian as the blur."""
+    from vadlab.methods.dmad import DMAD
+    from vadlab.nn.filters import gaussian_blur, sigma_for
+
+    model = DMAD(image_size=32, channels=(8, 16), latent_dim=8, n_memory=8, estimator_channels=8, normalize=False)
+    with torch.no_grad():  # non-zero deformation heads, so that the fields are not all zero
+        for head in model.estimator.heads:
+            head.weight.copy_(0.3 * torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(5)))
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    parts = model.inspect(x)
+    assert min(float(f.abs().max()) for f in parts["fields"]) > 0.1
+    sigma = sigma_for(model.config.sigma, 32)
+    a_rec, a_df, scores = labs.reference("dmad_score")(x, parts["reconstructions"][-1], parts["fields"],
+                                                      model.config.alpha, lambda m: gaussian_blur(m, sigma))
+    torch.testing.assert_close(scores, parts["scores"])
+    torch.testing.assert_close(a_rec + model.config.alpha * a_df, parts["maps"])
+
+
 # ------------------------------------------------------------------------------------------ DDIM
 
 
@@ -316,6 +435,67 @@ def test_ddim_student_style_passes(capsys):
 def test_ddim_rejects(capsys, kwargs, words):
     ok, out = _verdict(capsys, "ddim_step", lambda *a: ddim_student(*a, **kwargs))
     assert not ok and words in out
+
+
+# ------------------------------------------------------------------------------------------ DiAD guidance
+
+
+def guided_eps_student(denoiser, z_t, t, guidance, no_middle=False, no_skips=False, skips_reversed=False,
+                       into_h=False, skip_first=False):
+    h, feats, emb = denoiser.encode(z_t, t)
+    g = guidance
+    if g is not None and not no_middle:
+        h = h + g.middle
+    residuals = [] if g is None or no_skips else (g.skips[::-1] if skips_reversed else g.skips)
+    n = len(feats)
+    for i, block in enumerate(denoiser.decoder):
+        skip = feats[n - 1 - i]
+        if i < len(residuals):
+            if into_h:
+                h = h + residuals[i]
+            else:
+                skip = skip + residuals[i]
+        x = torch.cat((skip, h), 1) if skip_first else torch.cat((h, skip), 1)
+        h = block(x, emb)
+    return denoiser.out(h)
+
+
+def test_guided_eps_student_style_passes(capsys):
+    ok, out = _verdict(capsys, "guided_eps", guided_eps_student)
+    assert ok, out
+
+
+@pytest.mark.parametrize("kwargs, words", [({"no_middle": True}, "the middle residual is missing"),
+                                           ({"no_skips": True}, "the skip residuals are missing"),
+                                           ({"skips_reversed": True}, "deepest first"),
+                                           ({"into_h": True}, "not into h"),
+                                           ({"skip_first": True}, "h first, then the skip feature")])
+def test_guided_eps_rejects(capsys, kwargs, words):
+    ok, out = _verdict(capsys, "guided_eps", lambda *a: guided_eps_student(*a, **kwargs))
+    assert not ok and words in out and "FAIL" in out
+
+
+def test_guided_eps_rejects_ignoring_the_guidance(capsys):
+    ok, out = _verdict(capsys, "guided_eps", lambda d, z, t, g: d(z, t))
+    assert not ok and "2 of 5 cases pass" in out and "Guidance(middle=tensor [2, 16, 4, 4] float32, skips=list of 2" in out
+
+
+def test_guided_eps_reference_is_what_diad_reconstructs_with():
+    """The check's reference is the noise prediction DiAD.eps uses: denoiser(z_t, t, sg(z_t, t, image))."""
+    from vadlab.methods.diad import DiAD
+
+    model = DiAD(ae_channels=4, ae_channel_mult=(1, 2), model_channels=8, channel_mult=(1, 2),
+                 attention_resolutions=(), num_heads=1, hint_channels=(4, 8), weights="random")
+    with torch.no_grad():  # non-zero guidance and output layers (they start at zero)
+        for p in list(model.sg.parameters()) + list(model.denoiser.out.parameters()):
+            if not p.any():
+                p.copy_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    z, image, t = torch.randn(2, 4, 8, 8), torch.rand(2, 3, 16, 16) * 2 - 1, torch.tensor([700, 20])
+    with torch.no_grad():
+        guided = labs.reference("guided_eps")(model.denoiser, z, t, model.sg(z, t, image))
+        torch.testing.assert_close(guided, model.eps(z, t, image))
+        torch.testing.assert_close(labs.reference("guided_eps")(model.denoiser, z, t, None), model.eps(z, t))
+    assert not torch.allclose(guided, model.eps(z, t))
 
 
 # ------------------------------------------------------------------------------------------ semi-orthogonal

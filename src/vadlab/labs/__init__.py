@@ -33,11 +33,12 @@ from __future__ import annotations
 from typing import Callable
 
 from ._common import Failure, last_failure
-from .diad import _ref_ddim_step, check_ddim_step
+from .diad import _ref_ddim_step, _ref_guided_eps, check_ddim_step, check_guided_eps
 from .distillation import _ref_mkd_loss, check_mkd_loss
-from .dmad import _ref_quantize, check_quantize
+from .dmad import _ref_dmad_score, _ref_quantize, check_dmad_score, check_quantize
 from .editions import EDITIONS, PLACEHOLDER, student_version, write_lab_edition, write_student_labs
-from .flows import _ref_coupling_forward, _ref_coupling_inverse, check_affine_coupling
+from .flows import (_ref_coupling_forward, _ref_coupling_inverse, _ref_positional_encoding, check_affine_coupling,
+                    check_positional_encoding)
 from .metrics import _ref_aupro, _ref_auroc, check_aupro, check_auroc
 from .padim import _ref_mahalanobis_map, check_mahalanobis_map
 from .patchcore import _ref_greedy_coreset, check_greedy_coreset
@@ -51,9 +52,12 @@ __all__ = [
     "check_mahalanobis_map",
     "check_greedy_coreset",
     "check_affine_coupling",
+    "check_positional_encoding",
     "check_ssim_map",
     "check_quantize",
+    "check_dmad_score",
     "check_ddim_step",
+    "check_guided_eps",
     "check_semi_orthogonal",
     "check_mkd_loss",
     "ssim_blur",
@@ -74,9 +78,12 @@ _REFERENCES: dict[str, Callable | tuple[Callable, ...]] = {
     "mahalanobis_map": _ref_mahalanobis_map,
     "greedy_coreset": _ref_greedy_coreset,
     "affine_coupling": (_ref_coupling_forward, _ref_coupling_inverse),
+    "positional_encoding": _ref_positional_encoding,
     "ssim_map": _ref_ssim_map,
     "quantize": _ref_quantize,
+    "dmad_score": _ref_dmad_score,
     "ddim_step": _ref_ddim_step,
+    "guided_eps": _ref_guided_eps,
     "semi_orthogonal": (_ref_semi_orthogonal_matrix, _ref_projected_mahalanobis),
     "mkd_loss": _ref_mkd_loss,
 }

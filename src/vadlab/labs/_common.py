@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -62,6 +63,10 @@ def _clone(v: Any) -> Any:
         return v.copy()
     if isinstance(v, dict):
         return {k: _clone(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_clone(x) for x in v]
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):  # e.g. DiAD's Guidance: its tensors and lists
+        return dataclasses.replace(v, **{f.name: _clone(getattr(v, f.name)) for f in dataclasses.fields(v) if f.init})
     return v
 
 
@@ -74,6 +79,9 @@ def _describe(v: Any) -> str:
         return f"{type(v).__name__} of {len(v)}: " + ", ".join(_describe(x) for x in v)
     if isinstance(v, torch.nn.Module):
         return type(v).__name__
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):  # its fields, each described (not its repr)
+        return f"{type(v).__name__}(" + ", ".join(f"{f.name}={_describe(getattr(v, f.name))}"
+                                                   for f in dataclasses.fields(v)) + ")"
     if callable(v):
         return "function"
     return repr(v)

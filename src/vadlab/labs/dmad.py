@@ -1,4 +1,5 @@
-"""The DMAD lab: vector quantisation with the straight-through estimator (``check_quantize``)."""
+"""The DMAD lab: vector quantisation with the straight-through estimator (``check_quantize``), and the split of
+what a reconstruction must explain into a deformation and a residual term (``check_dmad_score``)."""
 
 from __future__ import annotations
 
@@ -110,3 +111,126 @@ def check_quantize(quantize: Callable, raise_on_fail: bool | None = None) -> boo
     return _run_check("check_quantize", "quantize", _run_quantize, (quantize,), (_ref_quantize,), cases,
                       {k: tol for k in ("z_st", "loss", "grad z_e", "grad memory")}, mistakes, hints, raise_on_fail,
                       exact=("indices",))
+
+
+# ----------------------------------------------------------------------------- deformation and residual
+
+
+def _ref_dmad_score(x, reconstruction, fields, alpha, blur):
+    """The PDM score of :meth:`vadlab.methods.dmad.DMAD.predict` (``normalize=False``): smoothed A_rec and A_df
+    maps and ``max A_rec + alpha max A_df`` per image."""
+    from vadlab.nn.warp import magnitude
+
+    a_rec = blur((x - reconstruction).pow(2).mean(1))
+    a_df = blur(sum(magnitude(o) for o in fields))
+    return a_rec, a_df, a_rec.flatten(1).amax(1) + alpha * a_df.flatten(1).amax(1)
+
+
+def _run_dmad_score(fn, x, reconstruction, fields, alpha, blur):
+    out = _call(fn, x, reconstruction, [o.clone() for o in fields], alpha, blur)
+    if not isinstance(out, (tuple, list)) or len(out) != 3:
+        raise TypeError(f"dmad_score must return (a_rec, a_df, scores), got {type(out).__name__}")
+    return {"a_rec": out[0], "a_df": out[1], "scores": out[2]}
+
+
+def _score_variant(x, reconstruction, fields, alpha, blur, residual="squared", channels="mean", field_norm="l2",
+                   sum_first=False, combined_max=False, alpha_on_rec=False, smooth=True):
+    """The score with one switch per typical mistake (the defaults give the right one)."""
+    blur = blur if smooth else (lambda m: m)
+    diff = x - reconstruction
+    err = diff.pow(2) if residual == "squared" else diff.abs()
+    a_rec = blur(err.mean(1) if channels == "mean" else err.sum(1))
+
+    def length(o):
+        if field_norm == "l1":
+            return o.abs().sum(1)
+        if field_norm == "squared":
+            return o.pow(2).sum(1)
+        return (o.pow(2).sum(1) + 1e-12).sqrt()
+
+    a_df = blur(length(sum(fields)) if sum_first else sum(length(o) for o in fields))
+    if combined_max:
+        scores = (a_rec + alpha * a_df).flatten(1).amax(1)
+    elif alpha_on_rec:
+        scores = alpha * a_rec.flatten(1).amax(1) + a_df.flatten(1).amax(1)
+    else:
+        scores = a_rec.flatten(1).amax(1) + alpha * a_df.flatten(1).amax(1)
+    return a_rec, a_df, scores
+
+
+def check_dmad_score(dmad_score: Callable, raise_on_fail: bool | None = None) -> bool:
+    """Check ``dmad_score(x, reconstruction, fields, alpha, blur) -> (a_rec [B,H,W], a_df [B,H,W], scores [B])``.
+
+    ``a_rec = blur(mean over channels of (x - reconstruction)^2)``, ``a_df = blur(sum_k |O_k|)`` (per-pixel
+    Euclidean length of each field, in pixels) and ``scores = max a_rec + alpha max a_df`` per image: the score of
+    :meth:`vadlab.methods.dmad.DMAD.predict` without the training-set normalisation (``normalize=False``).
+    """
+    from vadlab.nn.filters import gaussian_blur
+
+    f64 = torch.float64
+    ident = lambda m: m  # noqa: E731 - no smoothing, for the known answers
+    smooth = lambda m: gaussian_blur(m, 1.5)  # noqa: E731
+    x = torch.rand(2, 3, 12, 12, generator=_gen(61), dtype=f64)
+    zero = torch.zeros(2, 2, 12, 12, dtype=f64)
+    shift = zero.clone()
+    shift[:, 0], shift[:, 1] = 3.0, 4.0  # a translation by (3, 4) px: length 5 everywhere
+    right, left = zero.clone(), zero.clone()
+    right[:, 0], left[:, 0] = 2.0, -2.0
+    spot = x.clone()
+    spot[0, 0, 5, 7] -= 0.6  # one pixel of one colour channel off by 0.6
+    rec_known = torch.zeros(2, 12, 12, dtype=f64)
+    rec_known[0, 5, 7] = 0.36 / 3
+    # random: the residual and the deformation peak at different places
+    rec_rand = x + 0.05 * torch.randn(x.shape, generator=_gen(62), dtype=f64)
+    rec_rand[:, :, 2:4, 2:4] += 0.5
+    o1 = torch.randn(2, 2, 12, 12, generator=_gen(63), dtype=f64)
+    o1[:, :, 8:11, 8:11] += 3.0
+    o2 = 0.5 * torch.randn(2, 2, 12, 12, generator=_gen(64), dtype=f64)
+    x3 = torch.rand(3, 3, 10, 14, generator=_gen(65), dtype=f64)
+    rec3 = x3 + 0.2 * torch.randn(x3.shape, generator=_gen(66), dtype=f64)
+    o3 = [torch.randn(3, 2, 10, 14, generator=_gen(67 + k), dtype=f64) for k in range(3)]
+    cases = [
+        _Case("perfect reconstruction, zero field: both terms 0",
+              {"x": x, "reconstruction": x, "fields": [zero], "alpha": 0.05, "blur": ident},
+              {"a_rec": torch.zeros(2, 12, 12, dtype=f64), "a_df": torch.zeros(2, 12, 12, dtype=f64),
+               "scores": torch.zeros(2, dtype=f64)}),
+        _Case("a translation by (3, 4) px and no residual: |O| = 5 everywhere, score = alpha * 5",
+              {"x": x, "reconstruction": x, "fields": [shift], "alpha": 0.05, "blur": ident},
+              {"a_df": torch.full((2, 12, 12), 5.0, dtype=f64), "scores": torch.full((2,), 0.25, dtype=f64)}),
+        _Case("two heads moving by (+2, 0) and (-2, 0) px: the lengths add up to 4",
+              {"x": x, "reconstruction": x, "fields": [right, left], "alpha": 1.0, "blur": ident},
+              {"a_df": torch.full((2, 12, 12), 4.0, dtype=f64), "scores": torch.full((2,), 4.0, dtype=f64)}),
+        _Case("one pixel of the red channel off by 0.6: A_rec there = 0.6^2 / 3 channels",
+              {"x": x, "reconstruction": spot, "fields": [zero], "alpha": 0.05, "blur": ident},
+              {"a_rec": rec_known, "scores": torch.tensor([0.12, 0.0], dtype=f64)}),
+        _Case("random maps, Gaussian blur (sigma 1.5): residual and deformation peak at different places",
+              {"x": x, "reconstruction": rec_rand, "fields": [o1, o2], "alpha": 0.05, "blur": smooth}),
+        _Case("3 images 10 x 14, three heads, alpha 2, Gaussian blur",
+              {"x": x3, "reconstruction": rec3, "fields": o3, "alpha": 2.0, "blur": smooth}),
+    ]
+    mistakes = [
+        _Mistake(lambda *a: _score_variant(*a, residual="abs"),
+                 "A_rec is DMAD's Dis, the *squared* error (x - reconstruction)^2, not the absolute error"),
+        _Mistake(lambda *a: _score_variant(*a, channels="sum"),
+                 "A_rec averages the squared error over the colour channels (mean over dim 1), it does not sum it"),
+        _Mistake(lambda *a: _score_variant(*a, sum_first=True),
+                 "A_df sums the lengths of the K fields, sum_k |O_k|, not the length of their sum: two heads that "
+                 "move in opposite directions both cost deformation"),
+        _Mistake(lambda *a: _score_variant(*a, field_norm="l1"),
+                 "the length of a field at a pixel is the Euclidean norm sqrt(dx^2 + dy^2), not |dx| + |dy|"),
+        _Mistake(lambda *a: _score_variant(*a, field_norm="squared"),
+                 "the length of a field at a pixel is sqrt(dx^2 + dy^2) (in pixels): the square root is missing"),
+        _Mistake(lambda *a: _score_variant(*a, combined_max=True),
+                 "the image score adds the two maxima, max A_rec + alpha max A_df: the residual and the deformation "
+                 "may peak at different places, so do not take the maximum of the combined map"),
+        _Mistake(lambda *a: _score_variant(*a, alpha_on_rec=True),
+                 "alpha weighs the deformation term: max A_rec + alpha max A_df"),
+        _Mistake(lambda *a: _score_variant(*a, smooth=False),
+                 "smooth both maps with `blur` (DMAD's Gaussian k) and return the smoothed maps; take the maxima after"),
+    ]
+    hints = ["x, reconstruction: [B, 3, H, W]; each field: [B, 2, H, W], (dx, dy) in pixels; the maps are [B, H, W]",
+             "a_rec = blur(squared error averaged over channels); a_df = blur(sum over fields of the per-pixel length)",
+             "scores has one value per image [B]: reduce over H and W only"]
+    tol = (1e-6, 1e-5)  # the package's |O| adds 1e-12 under the square root (smooth at 0)
+    return _run_check("check_dmad_score", "dmad_score", _run_dmad_score, (dmad_score,), (_ref_dmad_score,), cases,
+                      {"a_rec": tol, "a_df": tol, "scores": tol}, mistakes, hints, raise_on_fail)

@@ -1,4 +1,5 @@
-"""The flows lab: affine coupling forward, inverse and log-determinant (``check_affine_coupling``)."""
+"""The flows lab: affine coupling forward, inverse and log-determinant (``check_affine_coupling``), and CFLOW's
+2-D sinusoidal positional encoding, the condition of its flows (``check_positional_encoding``)."""
 
 from __future__ import annotations
 
@@ -112,3 +113,78 @@ def check_affine_coupling(coupling_forward: Callable, coupling_inverse: Callable
                       (coupling_forward, coupling_inverse), (_ref_coupling_forward, _ref_coupling_inverse), cases,
                       {"y": (1e-6, 1e-8), "logdet": (1e-6, 1e-8), "inverse(y)": (1e-6, 1e-8)}, mistakes, hints,
                       raise_on_fail)
+
+
+# ----------------------------------------------------------------------------- CFLOW's condition
+
+
+def _ref_positional_encoding(channels: int, height: int, width: int) -> torch.Tensor:
+    from vadlab.nn.flows import positional_encoding_2d
+
+    return positional_encoding_2d(channels, height, width)
+
+
+def _run_positional_encoding(fn, channels, height, width):
+    pe = _call(fn, channels, height, width)
+    out = {"pe": pe}
+    if isinstance(pe, torch.Tensor):
+        out["dtype is float32"] = float(pe.dtype == torch.float32)
+    return out
+
+
+def _pe_variant(channels, height, width, swap_axes=False, freq_over=None, blocks=False, cos_first=False):
+    """The encoding written the way a student might, with switches for the typical mistakes."""
+    import math
+
+    half = channels // 2
+    denom = half if freq_over is None else freq_over
+    freq = torch.exp(torch.arange(0, half, 2, dtype=torch.float64) * (-math.log(10000.0) / denom))
+
+    def one_axis(n: int) -> torch.Tensor:  # [half, n]
+        a = torch.arange(n, dtype=torch.float64)[None, :] * freq[:, None]
+        first, second = (torch.cos(a), torch.sin(a)) if cos_first else (torch.sin(a), torch.cos(a))
+        if blocks:
+            return torch.cat([first, second], 0)
+        return torch.stack([first, second], 1).reshape(half, n)
+
+    cols, rows = one_axis(width), one_axis(height)
+    x_part = cols[:, None, :].expand(-1, height, -1)
+    y_part = rows[:, :, None].expand(-1, -1, width)
+    parts = [y_part, x_part] if swap_axes else [x_part, y_part]
+    return torch.cat(parts, 0).float()
+
+
+def check_positional_encoding(positional_encoding: Callable, raise_on_fail: bool | None = None) -> bool:
+    """Check ``positional_encoding(channels, height, width) -> [channels, height, width]`` float32, CFLOW's condition.
+
+    The expected values come from :func:`vadlab.nn.flows.positional_encoding_2d`: the first half of the channels
+    encodes the column, the second half the row, each as interleaved ``sin(pos w_k), cos(pos w_k)`` with
+    ``w_k = 10000^(-2k / (channels / 2))``.
+    """
+    f = torch.tensor([0.0, 1.0, 2.0])
+    known = torch.stack([torch.sin(f), torch.cos(f), torch.zeros(3), torch.ones(3)])[:, None, :]  # [4, 1, 3]
+    cases = [
+        _Case("P = 4 on a 1 x 3 row: one frequency (w = 1), sin/cos of the column, row 0 gives (0, 1)",
+              {"channels": 4, "height": 1, "width": 3}, {"pe": known, "dtype is float32": 1.0}),
+        _Case("P = 8 on a 3 x 5 grid (not square: rows and columns differ)", {"channels": 8, "height": 3, "width": 5}),
+        _Case("P = 12 (3 frequencies per axis) on a 2 x 7 grid", {"channels": 12, "height": 2, "width": 7}),
+        _Case("P = 64 on a 16 x 16 grid (the CPU preset's condition width)",
+              {"channels": 64, "height": 16, "width": 16}),
+    ]
+    mistakes = [
+        _Mistake(lambda p, h, w: _pe_variant(p, h, w, swap_axes=True),
+                 "the axes are swapped: the first half of the channels encodes the column (x, along the width), "
+                 "the second half the row (y)"),
+        _Mistake(lambda p, h, w: _pe_variant(p, h, w, freq_over=p),
+                 "the frequencies are those of one axis' P/2 channels: w_k = 10000^(-2k / (P/2)), not 10000^(-2k / P)"),
+        _Mistake(lambda p, h, w: _pe_variant(p, h, w, blocks=True),
+                 "sin and cos are interleaved within each half (channel 0 sin, 1 cos, 2 sin, ...), not two blocks"),
+        _Mistake(lambda p, h, w: _pe_variant(p, h, w, cos_first=True),
+                 "the even channels hold the sines and the odd ones the cosines (at position 0: 0, 1, 0, 1, ...)"),
+    ]
+    hints = ["shape [P, H, W]: channels first, like one feature map; return float32",
+             "positions are the integer indices 0..W-1 (columns) and 0..H-1 (rows), not normalised",
+             "each half has P/4 frequencies w_k = 10000^(-2k / (P/2)), k = 0, 1, ..., P/4 - 1"]
+    return _run_check("check_positional_encoding", "positional_encoding", _run_positional_encoding,
+                      (positional_encoding,), (_ref_positional_encoding,), cases,
+                      {"pe": (1e-5, 1e-5), "dtype is float32": (0.0, 0.0)}, mistakes, hints, raise_on_fail)
