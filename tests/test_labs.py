@@ -762,3 +762,10 @@ def test_write_student_labs_copies_the_folder(tmp_path):
     teacher = labs.write_lab_edition(LAB_DIR, tmp_path / "instructor", "instructor")
     for p in teacher:
         assert p.read_text() == (LAB_DIR / p.name).read_text()
+
+
+def test_last_failure_starts_empty():
+    from vadlab.labs._common import Failure
+
+    fresh = Failure()
+    assert (fresh.check, fresh.case, fresh.inputs) == ("", "", {})

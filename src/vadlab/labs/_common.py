@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 
+@dataclass
 class Failure:
     """The case a check failed on last: its name and the inputs (copies) to debug with."""
 
