@@ -94,14 +94,15 @@ def find_chromium() -> tuple[str, str]:
     return browser, driver
 
 
-def probe(page: Path, timeout_s: float = 60.0) -> dict[str, Any]:
+def probe(page: Path, timeout_s: float = 180.0) -> dict[str, Any]:
     """Load ``page`` in a fresh headless Chromium profile and return what the page reports."""
     return probe_many([page], timeout_s)[0]
 
 
-def probe_many(pages: list[Path], timeout_s: float = 60.0) -> list[dict[str, Any]]:
+def probe_many(pages: list[Path], timeout_s: float = 180.0) -> list[dict[str, Any]]:
     """Load each page in turn in one headless Chromium session; one report per page, in order."""
     from selenium import webdriver
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.chrome.service import Service
 
     pages = [Path(p).resolve() for p in pages]
@@ -121,8 +122,12 @@ def probe_many(pages: list[Path], timeout_s: float = 60.0) -> list[dict[str, Any
             web.set_page_load_timeout(timeout_s)
             web.set_script_timeout(timeout_s)
             for page in pages:
-                web.get(page.as_uri())
-                reports.append({"page": str(page), **web.execute_async_script(_PROBE)})
+                try:
+                    web.get(page.as_uri())
+                    reports.append({"page": str(page), **web.execute_async_script(_PROBE)})
+                except TimeoutException:
+                    reports.append({"page": str(page), "timeout": f"did not finish loading and typesetting in "
+                                                                  f"{timeout_s:.0f} s"})
         finally:
             web.quit()
     return reports
@@ -159,6 +164,8 @@ def broken_links(links: list[str], cache: dict[Path, set[str]] | None = None) ->
 def failures(report: dict[str, Any], min_images: int = 1, require_math: bool = True,
              cache: dict[Path, set[str]] | None = None) -> list[str]:
     """Human-readable reasons why the page does not render properly (empty list: all good)."""
+    if "timeout" in report:
+        return [report["timeout"]]
     bad = []
     if require_math and report["math_elements"] == 0:
         bad.append("the page has no math elements")
