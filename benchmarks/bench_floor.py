@@ -6,7 +6,7 @@ same process, in batches of 16 as the pipeline's evaluation feeds them, after a 
 everything beyond the backbone costs (embedding, statistics or memory-bank search, upsampling, blur, score);
 1.00 is the floor. The feature cache is off. Each time is the median of ``--repeats`` runs.
 
-Run: ``OMP_NUM_THREADS=1 python benchmarks/bench_floor.py [--size 256] [--device cpu|cuda]
+Run: ``OMP_NUM_THREADS=1 python benchmarks/bench_floor.py [--size 256] [--device cpu|cuda] [--precision float32|bfloat16]
 [--methods padim semi_orthogonal patchcore cflow] [--out benchmarks/results/floor]`` (writes .json and .txt).
 """
 
@@ -43,8 +43,8 @@ def _median_seconds(fn, repeats: int) -> float:
 
 
 def measure(method: str, train: torch.Tensor, test: torch.Tensor, device: str, repeats: int,
-            preset: str, batch: int = 16) -> dict:
-    overrides = {**preset_overrides(method, preset), "device": device}
+            preset: str, batch: int = 16, precision: str = "float32") -> dict:
+    overrides = {**preset_overrides(method, preset), "device": device, "backbone_precision": precision}
     model = build_method(method, overrides, seed=0)
     batches = [train[i:i + batch].to(device) for i in range(0, len(train), batch)]
     test = test.to(device)
@@ -83,6 +83,8 @@ def main() -> None:
     parser.add_argument("--n-train", type=int, default=64)
     parser.add_argument("--n-test", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
+                        help="the frozen backbone's arithmetic (method and floor alike)")
     parser.add_argument("--out", default=None, help="write OUT.json and OUT.txt")
     args = parser.parse_args()
     use_feature_cache(None)
@@ -91,12 +93,12 @@ def main() -> None:
                     size=args.size)
     load = lambda split: torch.stack([d["image"] for d in MVTecDataset(root, "brick", split, args.size)])  # noqa: E731
     train, test = load("train"), load("test")
-    rows = [measure(m, train, test, args.device, args.repeats, "cpu" if m == "cflow" else args.preset)
-            for m in args.methods]
-    context = {"size": args.size, "device": args.device, "threads": torch.get_num_threads(),
+    rows = [measure(m, train, test, args.device, args.repeats, "cpu" if m == "cflow" else args.preset,
+                    precision=args.precision) for m in args.methods]
+    context = {"size": args.size, "device": args.device, "precision": args.precision, "threads": torch.get_num_threads(),
                "load_average": os.getloadavg(), "machine": platform.processor() or platform.machine(),
                "torch": torch.__version__}
-    lines = [f"bench_floor: {args.size} px, {args.device}, {context['threads']} threads, load average "
+    lines = [f"bench_floor: {args.size} px, {args.device}, {args.precision}, {context['threads']} threads, load average "
              f"{context['load_average'][0]:.2f}",
              f"{'method':16s} {'fit ms/img':>10s} {'floor':>7s} {'ratio':>6s}   {'predict ms/img':>14s} {'floor':>7s} "
              f"{'ratio':>6s}"]

@@ -13,7 +13,6 @@ Run: ``OMP_NUM_THREADS=1 python benchmarks/bench_precision.py [--size 128] [--pr
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -101,10 +100,10 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-        out.with_suffix(".txt").write_text(text + "\n")
+        from vadlab.fileio import write_json, write_text
+
+        write_json(Path(f"{args.out}.json"), report)
+        write_text(Path(f"{args.out}.txt"), text + "\n")
 
 
 if __name__ == "__main__":
