@@ -40,7 +40,8 @@ def main() -> None:
                                  n_test=80, size=args.size)
     split = peers.load_category(root, args.category, args.size)
     # one pass over all fibers (one epoch) for both, the CPU preset's flow size
-    cfg = {**CPU_PRESET, "meta_epochs": 1, "sub_epochs": 1, "warmup_epochs": 0, "fiber_batch": 256}
+    cfg = {**CPU_PRESET, "meta_epochs": 1, "sub_epochs": 1, "warmup_epochs": 0, "fiber_batch": 256,
+           "val_fraction": 0.0}  # every training image fitted, as anomalib does
     peers.warm_up("cflow", split["train"], split["test"], cfg, args.size)
     ours, model = peers.run_vadlab("cflow", split["train"], split["test"], cfg, batch_size=16, seed=0)
     settings = peers.peer_settings("cflow", model.config, args.size)

@@ -74,6 +74,8 @@ DIFFERENCES: dict[str, list[str]] = {
         "actnorm layer initialised on the training fibers, then affine couplings with fixed permutations",
         "loss: anomalib minimises -logsigmoid(log p / D) (as the official code), vadlab -log p / D (the paper)",
         "schedule: anomalib keeps the learning rate constant; vadlab warms up and decays it (cosine)",
+        "held-out images: with val_fraction > 0 (the CPU preset: 0.2) vadlab fits only the other training images "
+        "and keeps the sub-epoch with the best held-out NLL; anomalib fits all and keeps the last",
         "fibers: anomalib recomputes the encoder every step and shuffles fibers within each image batch, one "
         "scale after the other; vadlab caches the features and shuffles over all images, scales interleaved",
         "scoring: anomalib's forward normalises each scale by the maximum log-likelihood of the *current "
