@@ -544,7 +544,10 @@ ax.set(xlabel="sub-epoch", ylabel="NLL per dimension (nats)", title="CFLOW-AD, C
 ax.legend(fontsize=8)
 plt.show()
 assert len(cflow.val_indices) == 8 and cflow.best_epoch == int(curves["val_nll"].idxmin())
-print(f"held-out NLL per sub-epoch: {curves['val_nll'].round(3).tolist()}; kept sub-epoch {cflow.best_epoch + 1}")
+still_falling = cflow.best_epoch == len(curves) - 1
+print(f"held-out NLL per sub-epoch: {curves['val_nll'].round(3).tolist()}; kept sub-epoch {cflow.best_epoch + 1} "
+      f"of {len(curves)}: " + ("still falling at the end, so the budget ends training, not over-fitting"
+                               if still_falling else "past its minimum, so the held-out split stopped over-fitting"))
 
 # %% [markdown]
 # **The Gaussian is the one-block linear flow, on CFLOW-AD's own features.** Section 4 showed it on
