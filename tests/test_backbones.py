@@ -78,6 +78,8 @@ def test_frozen_extractor_runs_channels_last_and_returns_contiguous_float32():
     feats = fe(torch.rand(2, 3, 64, 64))
     assert all(f.dtype == torch.float32 and f.is_contiguous() for f in feats)
     assert feats[0].view(2, 24, -1).shape == (2, 24, 256)  # plain reshapes work on what methods receive
+    double = FeatureExtractor("efficientnet_lite0", ("blocks.1",)).double()(torch.rand(1, 3, 32, 32, dtype=torch.float64))
+    assert double[0].dtype == torch.float64  # a float64 gradient check stays in float64
 
 
 def test_bfloat16_backbone_matches_float32_within_its_rounding():

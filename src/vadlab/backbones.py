@@ -214,7 +214,8 @@ class FeatureExtractor(nn.Module):
     ResNets, ``features.16`` for VGG); the network is truncated after the last one.  A frozen network
     runs in the channels-last memory layout (the same arithmetic, about twice as fast on a CPU for
     these convolutional networks) and, with ``precision="bfloat16"``, under bfloat16 autocast; the
-    features are always returned as contiguous float32 tensors.
+    features are always returned as contiguous tensors of the input's dtype (float32, or float64 for
+    a gradient check).
     """
 
     def __init__(self, name: str = "efficientnet_lite0", layers: Sequence[str] | None = None,
@@ -288,7 +289,7 @@ class FeatureExtractor(nn.Module):
         x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.precision == "bfloat16"):
             maps = self.body(x)
-        return [m.float().contiguous() for m in maps]
+        return [m.to(images.dtype).contiguous() for m in maps]  # bfloat16 autocast output back to the input's dtype
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         cache = active_feature_cache()
