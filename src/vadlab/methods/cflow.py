@@ -205,10 +205,13 @@ class CFlow(AnomalyMethod):
         return fibers, conds
 
     @torch.no_grad()
+    def _log_likelihoods(self, k: int, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """``log_likelihood`` of scale ``k`` for many fibers, in chunks of 4096 (bounded memory)."""
+        return torch.cat([self.log_likelihood(k, zz, cc) for zz, cc in zip(z.split(4096), c.split(4096))])
+
     def _mean_nll(self, fibers: list[torch.Tensor], conds: list[torch.Tensor]) -> float:
         """Mean per-dimension negative log-likelihood of the fibers, averaged over the scales."""
-        per_scale = [-torch.cat([self.log_likelihood(k, zz, cc) for zz, cc in zip(z.split(4096), c.split(4096))]).mean()
-                     for k, (z, c) in enumerate(zip(fibers, conds))]
+        per_scale = [-self._log_likelihoods(k, z, c).mean() for k, (z, c) in enumerate(zip(fibers, conds))]
         return torch.stack(per_scale).mean().item()
 
     def fit(self, train_loader: Iterable) -> "CFlow":
@@ -277,8 +280,7 @@ class CFlow(AnomalyMethod):
         with torch.no_grad():
             maxima = []
             for k, (z, c) in enumerate(zip(fibers, conds)):
-                logp = torch.cat([self.log_likelihood(k, zz, cc) for zz, cc in
-                                  zip(z.split(4096), c.split(4096))])
+                logp = self._log_likelihoods(k, z, c)
                 if not torch.isfinite(logp).all():
                     raise FlowDivergenceError(f"CFLOW produced non-finite training log-likelihoods on scale {k} "
                                               f"({cfg.layers[k]}) after {step} steps; lower lr or clamp")
