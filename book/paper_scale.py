@@ -122,8 +122,8 @@ PUBLISHED = [
      "no image AUROC quoted: none could be checked against the RIAD paper's text"),
     ("mvtec", "favae", "per-category", NA, 95.3, NA, "dehaene2020favae", "Papers with Code ('results from the paper')",
      "only the pixel AUROC is quoted"),
-    ("mvtec", "dmad_plus", "per-category", 99.5, NA, NA, "liu2023dmad",
-     "aggregators of the DMAD paper's results (PPDM, the PDM+ model on MVTec AD)",
+    ("mvtec", "dmad_ppdm", "per-category", 99.5, NA, NA, "liu2023dmad",
+     "aggregators of the DMAD paper's results (PPDM, the official MVTec code)",
      "the code reports the max of two test evaluations; the aggregators disagree on pixel AUROC; a re-run of "
      "the default config reported in FlappyPeggy/DMAD issue 6 reached 98.2 image AUROC"),
     ("mvtec", "diad", "unified", 97.2, 96.8, 90.7, "he2024diad", "DiAD Tables 1, 3, 4 (image AP 99.0, pixel AP 52.6)",

@@ -29,6 +29,18 @@ directions.  Scores: ``A+_rec = Dis(x', xhat)`` carried back to the input frame 
 fields, ``A+_df`` = forward magnitudes (each carried along the later forward fields, then back)
 plus backward magnitudes (each carried along the earlier backward fields), all in the input frame.
 
+**PPDM** (``variant="ppdm"``): the design of the official MVTec code, which the paper's MVTec numbers
+(99.5 image AUROC) measure; the seed does not describe it.  The input is deformed as in PDM+ and then
+reconstructed *in feature space* by reverse distillation (Deng & Li, CVPR 2022): a frozen pretrained
+encoder ``E`` gives maps ``E_1 .. E_L`` of ``x'``; the deepest is quantised by the memory (``N`` items of
+its channel width); every map is reduced to ``bottleneck_channels`` at the deepest stride, concatenated
+with the quantised one and fused one stride further down (the bottleneck); a reverse decoder ``D``
+reconstructs every ``E_l`` from it.  ``Dis`` is the per-position cosine distance,
+``L_rec = sum_l mean_hw (1 - cos(E_l(h, w), D_l(h, w)))`` (the RD paper's Eq. 2; ``feature_loss="flatten"``
+is the official code's cosine of the whole flattened maps), and ``A_rec = sum_l up(1 - cos_l)`` is carried
+back to the input frame by the backward fields; ``L_df``, ``L_cyc``, ``A_df`` and the scores are PDM+'s.
+``L_rec`` reaches the fields *through* the frozen encoder; the encoder's weights never change.
+
 Choices where the seed is silent, and departures:
 
 * Encoder/decoder/estimator are small plain CNNs (widths ``channels``) trained from scratch, as the
@@ -38,6 +50,10 @@ Choices where the seed is silent, and departures:
   module (coarse 1/8 field, +-8 px; fine 1/2 field, +-3 px at 256 px; inverse fields; cycle MSE)
   is what ``field_strides`` / ``max_offsets`` default to.
 * PDM+ has no foreground/background selection (the seed's variant loss has none).
+* PPDM's encoder is the offline EfficientNet-Lite0 (layers ``blocks.1, blocks.2, blocks.4``, strides 4-16)
+  instead of WRN-50 (``backbone="wide_resnet50_2"`` when its weights are available); its bottleneck fuses
+  with two convolutions instead of three attention blocks, and its decoder has one two-convolution stage
+  per encoder map (widths twice the map's) instead of a reversed WRN-50; group normalisation throughout.
 * Scores: the official code min-max normalises both maps over the *test set* and reports the better
   of the AUROCs with and without the deformation term.  We do neither: after training, each term is
   divided by its mean image-level maximum on the training images (``rec_scale``, ``df_scale``) so
@@ -51,8 +67,9 @@ Choices where the seed is silent, and departures:
   lr 0.005 betas (0.5, 0.999), cosine schedule, 400 epochs, sigma 4, alpha 0.05 for non-geometric
   classes).  Small settings for this project's CPU budget (module-level override dicts):
   ``CPU_PRESET`` (PDM, 64 px, encoder stride 4, 20 epochs, lr 0.003, ``gamma_df = 0.01``: with the
-  paper's weight 1 the fields stay below 0.001 px in so few epochs), ``CPU_PRESET_PLUS`` (same, PDM+)
-  and ``DIGITS_PRESET`` (32 px one-class digits, stride 8, 30 epochs).  They were set on a
+  paper's weight 1 the fields stay below 0.001 px in so few epochs), ``CPU_PRESET_PLUS`` (same, PDM+),
+  ``CPU_PRESET_PPDM`` (PPDM, 128 px, 200 memory items, 8 epochs) and ``DIGITS_PRESET`` (32 px one-class
+  digits, stride 8, 30 epochs).  They were set on a
   generated dataset with another seed (seed 1), not on the evaluated test images.
 """
 
@@ -66,6 +83,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from vadlab.backbones import FeatureExtractor, upsample_to
 from vadlab.methods.base import AnomalyMethod, check_images, iter_images
 from vadlab.nn.filters import gaussian_blur, sigma_for
 from vadlab.nn.vq import VectorQuantizer
@@ -73,14 +91,14 @@ from vadlab.nn.warp import (
     magnitude, smoothness_loss, strength_loss, to_grid_units, transport, upsample_field, warp, warp_sequence,
 )
 
-VARIANTS = ("pdm", "pdm+")
+VARIANTS = ("pdm", "pdm+", "ppdm")
 
 
 @dataclass
 class DMADConfig:
     """DMAD hyperparameters; defaults follow the official code's deformation module and training schedule."""
 
-    variant: str = "pdm"  # "pdm" (deform the reference, section 2.3) or "pdm+" (deform the input, section 2.6)
+    variant: str = "pdm"  # "pdm" (deform the reference, 2.3), "pdm+" (deform the input, 2.6), "ppdm" (official MVTec)
     image_size: int = 256  # working resolution; offsets are in its pixels
     channels: tuple[int, ...] = (32, 64, 128)  # encoder stage widths (each stage halves the size)
     latent_dim: int = 64  # D, size of z_e and of the memory items
@@ -100,6 +118,13 @@ class DMADConfig:
     lr: float = 0.005
     betas: tuple[float, ...] = (0.5, 0.999)
     weight_decay: float = 0.01
+    # PPDM only: frozen pretrained encoder, VQ on its deepest map, reverse-distillation decoder
+    backbone: str = "efficientnet_lite0"  # offline default; the official code uses wide_resnet50_2
+    layers: tuple[str, ...] = ()  # encoder layers shallow to deep (empty: the backbone's default three)
+    weights: str = "imagenet"
+    bottleneck_channels: int = 64  # each layer's width after reduction in the bottleneck (official 64)
+    bottleneck_stride: int = 2  # the fused embedding's stride relative to the deepest map (official 2)
+    feature_loss: str = "position"  # "position": mean over positions of 1 - cos (RD4AD Eq. 2); "flatten": official
     batch_size: int = 8  # chunk size in predict
     seed: int = 111
     device: str = "cpu"
@@ -112,6 +137,11 @@ CPU_PRESET: dict[str, Any] = {
 }
 #: small-CPU preset for the PDM+ variant
 CPU_PRESET_PLUS: dict[str, Any] = {**CPU_PRESET, "variant": "pdm+"}
+#: small-CPU preset for the PPDM variant: 128 px (the frozen encoder's stride-4 map is then 32 x 32),
+#: 200 memory items of the deepest map as in the official code, 8 epochs (set on the seed-1 generated data)
+CPU_PRESET_PPDM: dict[str, Any] = {
+    **CPU_PRESET, "variant": "ppdm", "image_size": 128, "n_memory": 200, "epochs": 8,
+}
 #: small preset for the one-class digits protocol (32 px images)
 DIGITS_PRESET: dict[str, Any] = {
     "image_size": 32, "channels": (16, 32, 64), "latent_dim": 32, "n_memory": 32, "estimator_channels": 16,
@@ -229,6 +259,63 @@ class DeformationEstimator(nn.Module):
         return out
 
 
+class FeatureBottleneck(nn.Module):
+    """PPDM's bottleneck: every encoder map reduced to ``width`` channels at the deepest map's stride,
+    concatenated with the *quantised* deepest map, then fused one stride further down (RD4AD's one-class
+    bottleneck embedding with DMAD's memory in front of it)."""
+
+    def __init__(self, channels: list[int], strides: list[int], width: int, out_channels: int,
+                 stride: int = 2) -> None:
+        super().__init__()
+        deepest = strides[-1]
+        self.reduce = nn.ModuleList()
+        for c, s in zip(channels, strides):
+            steps = (deepest // s).bit_length() - 1  # stride-2 convolutions down to the deepest stride
+            layers, cin = [], c
+            for _ in range(steps):
+                layers.append(_conv(cin, width, 2))
+                cin = width
+            layers.append(_conv(cin, width))
+            self.reduce.append(nn.Sequential(*layers))
+        self.fuse = nn.Sequential(_conv(channels[-1] + width * len(channels), out_channels, stride),
+                                  _conv(out_channels, out_channels))
+
+    def forward(self, feats: list[torch.Tensor], quantised: torch.Tensor) -> torch.Tensor:
+        return self.fuse(torch.cat([quantised] + [r(f) for r, f in zip(self.reduce, feats)], dim=1))
+
+
+class ReverseDecoder(nn.Module):
+    """PPDM's decoder D: from the bottleneck embedding back up to every encoder map, deepest first
+    (reverse distillation); each level ends in a linear 1x1 head with the encoder map's channels."""
+
+    def __init__(self, channels: list[int], strides: list[int], in_channels: int, first: int = 2) -> None:
+        super().__init__()
+        self.ratios = [first] + [strides[i + 1] // strides[i] for i in range(len(strides) - 1)][::-1]
+        widths = [max(2 * c, 64) for c in channels][::-1]  # deepest first
+        self.stages, self.heads = nn.ModuleList(), nn.ModuleList()
+        cin = in_channels
+        for w, c in zip(widths, channels[::-1]):
+            self.stages.append(nn.Sequential(_conv(cin, w), _conv(w, w)))
+            self.heads.append(nn.Conv2d(w, c, 1))
+            cin = w
+
+    def forward(self, z: torch.Tensor) -> list[torch.Tensor]:
+        outs, h = [], z
+        for ratio, stage, head in zip(self.ratios, self.stages, self.heads):
+            h = stage(F.interpolate(h, scale_factor=ratio, mode="nearest") if ratio > 1 else h)
+            outs.append(head(h))
+        return outs[::-1]  # shallow to deep, like the encoder's maps
+
+
+def feature_distance(encoded: torch.Tensor, decoded: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position map ``1 - cos(E(h, w), D(h, w))`` ``[B, H, W]`` and its loss: the mean of that map (RD4AD's
+    Eq. 2, ``mode="position"``) or ``1 - cos`` of the whole flattened maps (the official code, ``"flatten"``)."""
+    local = 1 - F.cosine_similarity(encoded, decoded, dim=1)
+    if mode == "flatten":
+        return local, (1 - F.cosine_similarity(encoded.flatten(1), decoded.flatten(1), dim=1)).mean()
+    return local, local.mean()
+
+
 # ----------------------------------------------------------------------------- the method
 
 
@@ -242,23 +329,42 @@ class DMAD(AnomalyMethod):
         super().__init__(config, **overrides)
         cfg = self.config
         if cfg.variant not in VARIANTS:
-            raise ValueError(f"variant={cfg.variant!r}: choose 'pdm' or 'pdm+'")
+            raise ValueError(f"variant={cfg.variant!r}: choose 'pdm', 'pdm+' or 'ppdm'")
         if len(cfg.field_strides) != len(cfg.max_offsets) or not cfg.field_strides:
             raise ValueError(f"field_strides {cfg.field_strides} and max_offsets {cfg.max_offsets} must be "
                              "non-empty and of the same length (one per deformation head)")
         if any(s < 1 or s & (s - 1) for s in cfg.field_strides):
             raise ValueError(f"field_strides {cfg.field_strides} must be powers of two")
-        multiple = max(2 ** len(cfg.channels), max(cfg.field_strides))
+        encoder_stride = 1 if cfg.variant == "ppdm" else 2 ** len(cfg.channels)  # PPDM's encoder is checked below
+        multiple = max(encoder_stride, max(cfg.field_strides))
         if cfg.image_size % multiple:
             raise ValueError(f"image_size={cfg.image_size} must be a multiple of {multiple} "
-                             f"(encoder stride {2 ** len(cfg.channels)}, coarsest field stride {max(cfg.field_strides)})")
-        plus = cfg.variant == "pdm+"
+                             f"(encoder stride {encoder_stride}, coarsest field stride {max(cfg.field_strides)})")
+        if cfg.feature_loss not in ("position", "flatten"):
+            raise ValueError(f"feature_loss={cfg.feature_loss!r}: choose 'position' (RD4AD's paper) or 'flatten' "
+                             "(the official code)")
+        plus = cfg.variant in ("pdm+", "ppdm")  # both deform the input and carry maps back with inverse fields
         px = cfg.image_size / 256.0
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            self.encoder = Encoder(tuple(cfg.channels), cfg.latent_dim)
-            self.vq = VectorQuantizer(cfg.n_memory, cfg.latent_dim, cfg.beta)
-            self.decoder = Decoder(tuple(cfg.channels), cfg.latent_dim)
+            if cfg.variant == "ppdm":
+                self.teacher = FeatureExtractor(cfg.backbone, cfg.layers or None, cfg.weights)  # frozen
+                chans, strides = self.teacher.channels, self.teacher.strides
+                if cfg.bottleneck_stride not in (1, 2):
+                    raise ValueError(f"bottleneck_stride={cfg.bottleneck_stride}: choose 1 or 2 (official)")
+                if cfg.image_size % (cfg.bottleneck_stride * strides[-1]):
+                    raise ValueError(f"image_size={cfg.image_size} must be a multiple of "
+                                     f"{cfg.bottleneck_stride * strides[-1]} (bottleneck_stride times the deepest "
+                                     f"stride of {cfg.backbone}'s layers {self.teacher.layers})")
+                self.vq = VectorQuantizer(cfg.n_memory, chans[-1], cfg.beta)
+                embed = max(2 * chans[-1], 128)
+                self.bottleneck = FeatureBottleneck(chans, strides, cfg.bottleneck_channels, embed,
+                                                    cfg.bottleneck_stride)
+                self.decoder = ReverseDecoder(chans, strides, embed, cfg.bottleneck_stride)
+            else:
+                self.encoder = Encoder(tuple(cfg.channels), cfg.latent_dim)
+                self.vq = VectorQuantizer(cfg.n_memory, cfg.latent_dim, cfg.beta)
+                self.decoder = Decoder(tuple(cfg.channels), cfg.latent_dim)
             self.estimator = DeformationEstimator(cfg.estimator_channels, tuple(cfg.field_strides),
                                                   tuple(m * px for m in cfg.max_offsets), backward=plus,
                                                   mask=cfg.foreground_mask and not plus)
@@ -303,30 +409,49 @@ class DMAD(AnomalyMethod):
         else:
             backward = out["backward"]
             warped = warp_sequence(x, fields)  # x' = x (.) O_1 ... (.) O_K
-            q = self.compress(warped)
-            reference = self.decoder(q.z_q)
-            l_rec = (warped - reference).pow(2).mean()
+            if cfg.variant == "pdm+":
+                q = self.compress(warped)
+                reference = self.decoder(q.z_q)
+                l_rec = (warped - reference).pow(2).mean()
+                residual = (warped - reference).pow(2).mean(1)
+            else:
+                q, l_rec, residual = self.distill(warped)
+                reference = None
             l_df = sum(smoothness_loss(to_grid_units(o)) + strength_loss(to_grid_units(o))
                        for o in fields + backward)
             undo = list(reversed(backward))  # O^T_K, ..., O^T_1: reference frame -> input frame
             l_cyc = (x - warp_sequence(warped, undo)).pow(2).mean()
-            a_rec = transport((warped - reference).pow(2).mean(1), undo)
+            a_rec = transport(residual, undo)
             forward_mag = sum(transport(magnitude(o), fields[k + 1:]) for k, o in enumerate(fields))
             backward_mag = sum(transport(magnitude(backward[k]), list(reversed(backward[:k])))
                                for k in range(len(backward)))
             a_df = transport(forward_mag, undo) + backward_mag
-            out.update(reference=reference, reconstructions=[reference], warped_input=warped, target=warped,
-                       mask=None)
+            out.update(reference=reference, reconstructions=[] if reference is None else [reference],
+                       warped_input=warped, target=warped, mask=None)
         loss = l_rec + cfg.gamma_com * q.loss + cfg.gamma_df * l_df + cfg.gamma_cyc * l_cyc
         out.update(indices=q.indices, A_rec=a_rec, A_df=a_df, loss=loss, L_rec=l_rec, L_com=q.loss, L_df=l_df,
                    L_cyc=l_cyc)
         return out
 
+    def distill(self, warped: torch.Tensor):
+        """PPDM's reconstruction of ``x'`` in feature space: the frozen encoder's maps ``E_l(x')``, the deepest
+        one quantised, the reverse decoder's ``D_l``; returns (quantisation, ``sum_l`` loss of ``1 - cos``, the
+        per-position distance summed over layers at the working size, still in the frame of ``x'``)."""
+        feats = self.teacher(warped)
+        q = self.vq(feats[-1])
+        decoded = self.decoder(self.bottleneck(feats, q.z_q))
+        l_rec, residual = warped.new_zeros(()), warped.new_zeros(warped.shape[0], *warped.shape[-2:])
+        for e, d in zip(feats, decoded):
+            local, loss = feature_distance(e, d, self.config.feature_loss)
+            l_rec = l_rec + loss
+            residual = residual + upsample_to(local, warped.shape[-2:])
+        return q, l_rec, residual
+
     # -- training ------------------------------------------------------------------
     def fit(self, train_loader: Iterable) -> "DMAD":
         cfg = self.config
-        optimizer = torch.optim.AdamW(self.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
-                                      weight_decay=cfg.weight_decay)
+        trained = [p for p in self.parameters() if p.requires_grad]  # PPDM's encoder is frozen
+        optimizer = torch.optim.AdamW(trained, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(cfg.epochs, 1))
         generator = torch.Generator().manual_seed(cfg.seed)
         self.history = []
@@ -339,7 +464,8 @@ class DMAD(AnomalyMethod):
                 x = self._resize(images)
                 if not initialised:  # memory items start as random encodings of the first batch
                     with torch.no_grad():
-                        self.vq.init_from(self.encoder(x), generator)
+                        queries = self.teacher(x)[-1] if cfg.variant == "ppdm" else self.encoder(x)
+                        self.vq.init_from(queries, generator)
                     initialised = True
                 out = self(x)
                 optimizer.zero_grad(set_to_none=True)
@@ -425,4 +551,4 @@ class DMAD(AnomalyMethod):
         }
 
 
-__all__ = ["CPU_PRESET", "CPU_PRESET_PLUS", "DIGITS_PRESET", "DMAD", "DMADConfig", "VARIANTS", "add_coords"]
+__all__ = ["CPU_PRESET", "CPU_PRESET_PLUS", "CPU_PRESET_PPDM", "DIGITS_PRESET", "DMAD", "DMADConfig", "VARIANTS", "add_coords"]
