@@ -555,7 +555,8 @@ if elpv_path is not None:
     per_run = json.loads(elpv_path.read_text())["per_run"]
     for run, label in variants.items():
         if label in rows and run in per_run:
-            rows[label].update({"ELPV mono": per_run[run]["image_auroc_mono"], "ELPV poly": per_run[run]["image_auroc_poly"]})
+            rows[label].update({"ELPV mono": per_run[run]["image_auroc_mono"],
+                                "ELPV poly": per_run[run]["image_auroc_poly"]})
 if rows:
     table = pd.DataFrame(rows).T
     display(table.style.format("{:.3f}").set_caption("image AUROC"))
@@ -588,6 +589,9 @@ if len(rows) == len(variants):
 # - The vector quantiser is trained through the straight-through estimator; the warp is differentiable
 #   because bilinear sampling is piecewise bilinear in the offsets. PDM+ adds inverse fields and a cycle
 #   loss so that maps are drawn in the input's frame.
+# - PPDM, the official MVTec design, keeps PDM+'s deformation but rebuilds a frozen pretrained encoder's
+#   features with a reverse-distillation decoder; its residual is a cosine distance per position, and the
+#   fields learn through the frozen encoder.
 # - DMAD tolerates pose changes that break aligned methods such as PaDiM, at the price of a training run
 #   and of a deformation budget to tune (the offset bounds and the weight $\alpha$ of $A_{df}$).
 #
@@ -603,8 +607,10 @@ if len(rows) == len(variants):
 # 4. *(pipeline)* Run `dvc exp run -S '+methods.dmad.set.n_memory=4'` and compare with the committed run in
 #    `dvc exp show --only-changed`: does a smaller memory push more of the normal variation into the
 #    deformation?
-# 5. *(pipeline)* Run `dvc exp run -S '+methods.dmad_plus.set.alpha=0.0'` (no deformation term in the
-#    score) and read the geometric categories' rows: how much of PDM+'s image AUROC comes from $A_{df}$?
+# 5. *(pipeline)* PPDM's encoder sees the warped input, so its features cannot be cached like PaDiM's.
+#    Run `dvc exp run -S '+methods.dmad_ppdm.set.max_offsets=[0.0,0.0]'` (no deformation: plain reverse
+#    distillation with a memory) and compare the `dmad_ppdm` rows: what do the fields add on the generated
+#    objects, and what on the textures?
 # 6. *(numerical)* Refit the chapter's model with 4 memory items (`n_memory=4`), then with three times the
 #    epochs, and rerun the table of the section *Deformation or residual*: which change moves the pose change
 #    from the reference into the mean field on the washer, and what happens to the scratch's score?

@@ -129,7 +129,8 @@ rows
 # smooth deformation, and measure both what the deformation cannot explain and how much deformation was
 # needed. *Assumes* that normal diversity is mostly geometric (pose, shape). *Cost*: a training run and
 # two extra terms to balance. *Fails* when the deformation budget is wrong: too large and it explains
-# away defects, too small and pose changes are flagged.
+# away defects, too small and pose changes are flagged. Its official MVTec variant, PPDM, puts the
+# deformation in front of a frozen pretrained encoder and rebuilds that encoder's features instead of pixels.
 #
 # **Diffusion** (DiAD {cite:p}`he2024diad`; {doc}`diffusion`). Noise the input and denoise it into a
 # normal image with a diffusion model {cite:p}`ho2020ddpm` guided by the input itself; compare in

@@ -108,8 +108,8 @@ def _constant_field(dx: float, dy: float, size: int) -> torch.Tensor:
     return torch.tensor([dx, dy]).view(1, 2, 1, 1).expand(1, 2, size, size).clone()
 
 
-def test_ppdm_encoder_is_frozen_and_the_fields_learn_through_it(washer):
-    train, _, _ = washer
+def test_ppdm_encoder_is_frozen_and_the_fields_learn_through_it(washer, tmp_path):
+    train, images, _ = washer
     model = DMAD(**PPDM_TINY)
     teacher = {k: v.clone() for k, v in model.teacher.state_dict().items()}
     assert not any(p.requires_grad for p in model.teacher.parameters())
@@ -123,6 +123,11 @@ def test_ppdm_encoder_is_frozen_and_the_fields_learn_through_it(washer):
     for k, v in model.teacher.state_dict().items():
         torch.testing.assert_close(v, teacher[k], rtol=0, atol=0)
     assert model.history[0]["L_rec"] > 0 and model.history[0]["L_cyc"] >= 0
+    scores, maps = model.predict(images[:4])
+    loaded = AnomalyMethod.load(model.save(tmp_path / "ppdm.pt"))
+    s2, m2 = loaded.predict(images[:4])
+    torch.testing.assert_close(s2, scores, rtol=0, atol=0)
+    torch.testing.assert_close(m2, maps, rtol=0, atol=0)
 
 
 def test_ppdm_maps_are_carried_back_to_the_input_frame(monkeypatch):

@@ -531,7 +531,8 @@ class DMAD(AnomalyMethod):
         Keys: ``input``, ``reference`` (decoder output g(PE(z_q))), ``fields`` (list of [B, 2, H, W], pixels),
         ``backward_fields`` (PDM+ only, else None), ``mask`` ([B, 1, H, W], PDM only, else None),
         ``background`` (x_bg or None), ``warped_input`` (PDM+ only), ``reconstructions`` (list),
-        ``indices`` (memory item per latent position), ``A_rec``, ``A_df`` (raw, [B, H, W]),
+        ``indices`` (memory item per latent position), ``A_rec``, ``A_df`` (raw, [B, H, W]; for PPDM ``A_rec``
+        is the summed ``1 - cos`` of the feature maps and ``reference`` is None, ``reconstructions`` empty),
         ``scores`` and ``maps`` (as :meth:`predict`, at the working size).
         """
         images = check_images(images).to(self.device)
@@ -551,4 +552,5 @@ class DMAD(AnomalyMethod):
         }
 
 
-__all__ = ["CPU_PRESET", "CPU_PRESET_PLUS", "CPU_PRESET_PPDM", "DIGITS_PRESET", "DMAD", "DMADConfig", "VARIANTS", "add_coords"]
+__all__ = ["CPU_PRESET", "CPU_PRESET_PLUS", "CPU_PRESET_PPDM", "DIGITS_PRESET", "DMAD", "DMADConfig", "VARIANTS",
+           "add_coords"]
