@@ -550,13 +550,11 @@ for run, label in variants.items():
     metrics = json.loads(path.read_text())
     rows[label] = {c: metrics[c]["image_auroc"] for c in metrics if isinstance(metrics[c], dict) and c != "mean"}
     rows[label]["mean"] = metrics["mean"]["image_auroc"]
-elpv_path = pipeline_file("elpv_report/metrics/summary.json")
-if elpv_path is not None:
-    per_run = json.loads(elpv_path.read_text())["per_run"]
-    for run, label in variants.items():
-        if label in rows and run in per_run:
-            rows[label].update({"ELPV mono": per_run[run]["image_auroc_mono"],
-                                "ELPV poly": per_run[run]["image_auroc_poly"]})
+for run, label in variants.items():
+    path = pipeline_file(f"elpv/metrics/{run}.json")  # stage elpv_evaluate@<run>: one seed, image labels only
+    if label in rows and path is not None:
+        metrics = json.loads(path.read_text())
+        rows[label].update({"ELPV mono": metrics["mono"]["image_auroc"], "ELPV poly": metrics["poly"]["image_auroc"]})
 if rows:
     table = pd.DataFrame(rows).T
     display(table.style.format("{:.3f}").set_caption("image AUROC"))
