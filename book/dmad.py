@@ -484,6 +484,8 @@ plt.show()
 # to itself, and a map computed in the warped frame returns to the input pixel it came from.
 
 # %%
+from sklearn.metrics import roc_auc_score
+
 from vadlab.methods.dmad import CPU_PRESET_PPDM
 
 ppdm = DMAD(**{**CPU_PRESET_PPDM, "image_size": 64, "epochs": 12})
@@ -508,8 +510,6 @@ ppdm.fit(make_loader(train, batch_size=8, shuffle=True, seed=0))
 assert all(torch.equal(v, frozen[k]) for k, v in ppdm.teacher.state_dict().items())
 assert ppdm.history[-1]["L_rec"] < ppdm.history[0]["L_rec"]
 test_images = torch.stack([test[i]["image"] for i in range(len(test))])
-from sklearn.metrics import roc_auc_score
-
 print(f"image AUROC on the {len(test)} test washers: PDM {roc_auc_score(labels, model.predict(test_images)[0]):.3f}, "
       f"PDM+ {roc_auc_score(labels, plus.predict(test_images)[0]):.3f}, "
       f"PPDM {roc_auc_score(labels, ppdm.predict(test_images)[0]):.3f}")
