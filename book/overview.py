@@ -69,6 +69,8 @@ def trains(name: str) -> bool:
 def pretrained(name: str) -> bool:
     """Whether the default configuration uses a pretrained backbone or encoder."""
     config = get_method(name).Config()
+    if getattr(config, "variant", None) in ("pdm", "pdm+"):  # DMAD's backbone is only PPDM's encoder
+        return False
     backbone = getattr(config, "backbone", None) or getattr(config, "encoder", None)
     return backbone not in (None, "none")
 
@@ -88,7 +90,8 @@ rows
 # %% [markdown]
 # (PyramidFlow's default is its paper's fully normalizing-flow baseline, without a pretrained encoder;
 # the paper's second variant puts a ResNet-18 stem in front. DiAD's pretrained network only *scores*:
-# input and reconstruction are compared in its features.)
+# input and reconstruction are compared in its features. DMAD's default, PDM, trains every network; its
+# PPDM variant puts a frozen pretrained encoder behind the deformation module.)
 #
 # **Density on pretrained features** (PaDiM {cite:p}`defard2021padim`, semi-orthogonal embedding
 # {cite:p}`kim2021semiorthogonal`; {doc}`padim`, {doc}`memory_banks`). One Gaussian per feature-grid

@@ -71,7 +71,8 @@ for dataset, config in CONFIGS.items():
                      "protocol": "unified" if run not in config["run_methods"] else
                      ("per-category + unified" if run in config["unified_methods"] else "per-category"),
                      "input px": config["methods"][run]["image_size"],
-                     "backbone": getattr(cfg, "backbone", getattr(cfg, "encoder", "none (trained from scratch)")),
+                     "backbone": ("none (trained from scratch)" if getattr(cfg, "variant", None) in ("pdm", "pdm+")
+                                  else getattr(cfg, "backbone", getattr(cfg, "encoder", "none (trained from scratch)"))),
                      "layers": ", ".join(getattr(cfg, "layers", None) or ()) or "default",
                      "training": length})
 settings_table = pd.DataFrame(rows)
