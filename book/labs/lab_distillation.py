@@ -27,6 +27,7 @@
 
 # %%
 import tempfile
+from dataclasses import replace
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -91,7 +92,7 @@ ok = check_mkd_loss(mkd_loss)
 # %% [markdown]
 # ## 3. The loss separates defective images from normal ones
 #
-# A small MKD with the package's CPU preset (64 px, 30 epochs, the EfficientNet-Lite0 teacher) fitted on 32
+# A small MKD with the package's CPU preset at 64 px (30 epochs, the EfficientNet-Lite0 teacher) fitted on 32
 # normal images of a generated texture (a few seconds). Your loss, computed from the student's and the
 # teacher's maps of the test images, is the image score.
 
@@ -103,7 +104,7 @@ train = torch.stack([train_ds[i]["image"] for i in range(len(train_ds))])
 test = torch.stack([test_ds[i]["image"] for i in range(len(test_ds))])
 labels = np.array([test_ds[i]["label"] for i in range(len(test_ds))])
 
-config = MKDConfig.cpu_preset()
+config = replace(MKDConfig.cpu_preset(), image_size=64)  # the preset trains at 128 px; these images are 64 px
 untrained = MKD(config).eval()  # the same student before training (same seed, same initial weights)
 model = MKD(config).fit([train[i:i + 16] for i in range(0, len(train), 16)])
 
