@@ -198,6 +198,96 @@ if figure is not None:
     display(Image(filename=str(figure)))
 
 # %% [markdown]
+# ## Did the trained methods converge?
+#
+# Every method that trains a network logs its training loss (`history`: per epoch; DiAD per optimiser
+# step and stage), and the pipeline saves it as `history.csv` beside each run's metrics. The curves
+# below are the runs of seed `seed` (`params.yaml`) on every category, one line per category. Each line
+# is rescaled so that 1 is its first value and 0 its lowest, so that categories and methods share one
+# axis whatever the loss's units or sign (the flows' negative log-likelihoods are negative). These are
+# training losses on normal images only; no test image is involved.
+#
+# The table condenses each curve into one number: the share of the whole decrease of the loss that
+# happened in the last fifth of training (the mean loss over the last fifth against the mean over the
+# fifth before it, divided by the drop from the first value to the last fifth). A converged run is near
+# 0 % (noise can make it negative); a loss falling at a steady rate gives 20 % or more, one that decays
+# geometrically a few percent. We call a run still falling above 2 %. With fewer than ten epochs the
+# last fifth is a single epoch, so the number is coarse; the curves show the rest. A run still falling
+# at the end is bounded by the time budget of its preset, not converged: its accuracy is a lower bound
+# on what the method does with more training.
+
+# %%
+import matplotlib.pyplot as plt
+
+SEED, DATA, CATEGORIES = params["seed"], params["data"]["name"], list(params["data"]["categories"])
+
+
+def run_dir(run: str, category: str, unified: bool) -> Path:
+    """Output folder of one run and category, relative to results/ (the layout of `vadlab evaluate`)."""
+    return Path(DATA, "unified", run, category) if unified else Path(DATA, run, category, f"seed{SEED}")
+
+
+def late_share(loss: np.ndarray) -> float:
+    """Share of the loss decrease (first value -> mean of the last fifth) that came in the last fifth."""
+    tail = max(1, round(len(loss) / 5))
+    last, before = loss[-tail:].mean(), loss[-2 * tail:-tail].mean()
+    total = loss[0] - last
+    return float((before - last) / total) if total > 0 else float("nan")
+
+
+training: dict[str, dict[str, np.ndarray]] = {}  # "run" or "run (stage)" -> category -> losses
+missing = None
+for run, unified in [(r, False) for r in RUNS] + [(r, True) for r in UNIFIED]:
+    for category in CATEGORIES:
+        folder = run_dir(run, category, unified)
+        if not (RESULTS / folder / "metrics.json").is_file():
+            missing = missing or folder / "metrics.json"
+            continue
+        path = RESULTS / folder / "history.csv"
+        if not path.is_file():  # Gaussians and memory banks train nothing
+            continue
+        history = pd.read_csv(path)
+        name = f"unified-{run}" if unified else run
+        stages = history.groupby("stage", sort=False) if "stage" in history else [(None, history)]
+        for stage, part in stages:
+            if len(part) >= 2:
+                key = f"{name} ({stage})" if stage is not None else name
+                training.setdefault(key, {})[category] = part["loss"].to_numpy(dtype=float)
+if missing is not None:
+    pipeline_file(str(missing))
+
+if training:
+    rows = []
+    for key, per_category in training.items():
+        shares = np.array([late_share(loss) for loss in per_category.values()])
+        rows.append({"run (stage)": key, "epochs or steps": max(len(v) for v in per_category.values()),
+                     "decrease in the last fifth, mean (%)": 100 * np.nanmean(shares),
+                     "largest category (%)": 100 * np.nanmax(shares)})
+    converge = pd.DataFrame(rows).set_index("run (stage)")
+    display(converge.style.format("{:.1f}", subset=[c for c in converge.columns if "%" in c]))
+    falling = converge.index[converge["decrease in the last fifth, mean (%)"] > 2].tolist()
+    display(Markdown(f"Still falling at the end (more than 2 % of their decrease in the last fifth): "
+                     f"**{', '.join(falling) or 'none'}**; the others have flattened out."))
+
+    columns = 4
+    fig, axes = plt.subplots(-(-len(training) // columns), columns, squeeze=False,
+                             figsize=(2.6 * columns, 1.9 * -(-len(training) // columns)), sharey=True)
+    for ax, (key, per_category) in zip(axes.flat, training.items()):
+        for category, loss in per_category.items():
+            ax.plot(np.arange(1, len(loss) + 1), (loss - loss.min()) / max(loss[0] - loss.min(), 1e-12),
+                    lw=1, label=category)
+        ax.set_title(key, fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    for ax in axes.flat[len(training):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=6)
+    fig.supxlabel("epoch (DiAD: optimiser step)", fontsize=8)
+    fig.supylabel("training loss, rescaled", fontsize=8)
+    fig.tight_layout()
+    plt.show()
+
+# %% [markdown]
 # ## Anomaly maps side by side
 #
 # Two defective test images per category, fixed in advance (not chosen by any method's score), with the
