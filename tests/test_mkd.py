@@ -1,5 +1,7 @@
 """MKD: shapes, losses, separation of generated defects, save/load, errors."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -97,6 +99,26 @@ def test_save_load_round_trip(fitted, brick, tmp_path):
     assert isinstance(loaded, MKD)
     s2, m2 = loaded.predict(test[:6])
     assert torch.equal(s1, s2) and torch.equal(m1, m2)
+
+
+def test_fit_runs_the_frozen_teacher_once_per_image(brick, monkeypatch):
+    # without flips the teacher's maps are the same every epoch, so fit computes them once; with flips
+    # (other images each epoch) it runs the teacher on every batch
+    x, _, _ = brick
+    for flips, expected in ((False, len(x)), (True, 3 * len(x))):
+        model = MKD(image_size=64, epochs=3, batch_size=8, flips=flips)
+        seen = []
+        teacher = model.teacher
+        monkeypatch.setattr(model, "teacher", lambda images: seen.append(len(images)) or teacher(images))
+        model.fit([x[i:i + 8] for i in range(0, len(x), 8)])
+        assert sum(seen) == expected, (flips, seen)
+        assert len(model.history) == 3 and all(math.isfinite(h["loss"]) for h in model.history)
+
+
+def test_cached_teacher_maps_give_the_same_loss(fitted, brick):
+    x = brick[0][:8]
+    with torch.no_grad():
+        torch.testing.assert_close(fitted.loss_per_image(x, fitted.teacher(x)), fitted.loss_per_image(x))
 
 
 def test_bad_input_and_config():

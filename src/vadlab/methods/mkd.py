@@ -140,17 +140,19 @@ class MKD(AnomalyMethod):
         feats = self.backbone(x)
         return [F.max_pool2d(f, 2) for f in feats] if self.pool_teacher else feats
 
-    def layer_losses(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Per-image value and direction losses, each a list over layers of ``[B]`` tensors."""
-        targets = self.teacher(x)
+    def layer_losses(self, x: torch.Tensor, targets: list[torch.Tensor] | None = None
+                     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per-image value and direction losses, each a list over layers of ``[B]`` tensors (``targets``:
+        the teacher's maps of ``x`` when already computed)."""
+        targets = self.teacher(x) if targets is None else targets
         outputs = self.student(self.backbone.normalize(x))
         values = [(c - t).pow(2).flatten(1).mean(1) for c, t in zip(outputs, targets)]
         directions = [1 - F.cosine_similarity(c.flatten(1), t.flatten(1), dim=1) for c, t in zip(outputs, targets)]
         return values, directions
 
-    def loss_per_image(self, x: torch.Tensor) -> torch.Tensor:
+    def loss_per_image(self, x: torch.Tensor, targets: list[torch.Tensor] | None = None) -> torch.Tensor:
         """``sum_l L_dir,l + lambda * sum_l L_val,l`` per image ``[B]``."""
-        values, directions = self.layer_losses(x)
+        values, directions = self.layer_losses(x, targets)
         return sum(directions) + self.config.lamda * sum(values)
 
     def fit(self, train_loader: Iterable) -> "MKD":
@@ -158,12 +160,18 @@ class MKD(AnomalyMethod):
         data = gather_images(train_loader, cfg.image_size, self.device)
         generator = torch.Generator().manual_seed(cfg.seed)
         optimizer = torch.optim.Adam(self.student.parameters(), lr=cfg.lr)
+        targets = None
+        if not cfg.flips:  # the frozen teacher sees the same images every epoch: its maps are computed once
+            with torch.no_grad():
+                targets = [torch.cat(maps) for maps in zip(*(self.teacher(x) for x in data.split(cfg.batch_size)))]
         self.student.train()
         for epoch in tqdm(range(cfg.epochs), desc="mkd fit", leave=False):
             start, cpu, total = time.perf_counter(), time.process_time(), 0.0
             for index in epoch_batches(len(data), cfg.batch_size, generator):
-                batch = random_flips(data[index], generator) if cfg.flips else data[index]
-                loss = self.loss_per_image(batch).mean()
+                if targets is None:
+                    loss = self.loss_per_image(random_flips(data[index], generator)).mean()
+                else:
+                    loss = self.loss_per_image(data[index], [t[index] for t in targets]).mean()
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
