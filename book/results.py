@@ -202,16 +202,18 @@ if figure is not None:
 #
 # Every method that trains a network logs its training loss (`history`: per epoch; DiAD per optimiser
 # step and stage), and the pipeline saves it as `history.csv` beside each run's metrics. The curves
-# below are the runs of seed `seed` (`params.yaml`) on every category, one line per category. Each line
-# is rescaled so that 1 is its first value and 0 its lowest, so that categories and methods share one
-# axis whatever the loss's units or sign (the flows' negative log-likelihoods are negative). These are
-# training losses on normal images only; no test image is involved.
+# below are the runs of seed `seed` (`params.yaml`) on every category, one line per category (a unified
+# run is one model, so one line). Each line is rescaled to [0, 1] (its lowest value to 0, its highest to
+# 1), so that categories and methods share one axis whatever the loss's units or sign (the flows'
+# negative log-likelihoods are negative). These are training losses on normal images only; no test image
+# is involved.
 #
 # The table condenses each curve into one number: the share of the whole decrease of the loss that
 # happened in the last fifth of training (the mean loss over the last fifth against the mean over the
 # fifth before it, divided by the drop from the first value to the last fifth). A converged run is near
 # 0 % (noise can make it negative); a loss falling at a steady rate gives 20 % or more, one that decays
-# geometrically a few percent. We call a run still falling above 2 %. With fewer than ten epochs the
+# geometrically a few percent; a dash means the loss never fell below its first value (a stage that
+# starts from trained weights). We call a run still falling above 2 %. With fewer than ten epochs the
 # last fifth is a single epoch, so the number is coarse; the curves show the rest. A run still falling
 # at the end is bounded by the time budget of its preset, not converged: its accuracy is a lower bound
 # on what the method does with more training.
@@ -252,30 +254,32 @@ for run, unified in [(r, False) for r in RUNS] + [(r, True) for r in UNIFIED]:
         for stage, part in stages:
             if len(part) >= 2:
                 key = f"{name} ({stage})" if stage is not None else name
-                training.setdefault(key, {})[category] = part["loss"].to_numpy(dtype=float)
+                if not (unified and key in training):  # a unified run's categories share one model
+                    training.setdefault(key, {})[category] = part["loss"].to_numpy(dtype=float)
 if missing is not None:
     pipeline_file(str(missing))
 
 if training:
     rows = []
     for key, per_category in training.items():
-        shares = np.array([late_share(loss) for loss in per_category.values()])
+        shares = 100 * np.array([late_share(loss) for loss in per_category.values()])
+        finite = shares[np.isfinite(shares)]
         rows.append({"run (stage)": key, "epochs or steps": max(len(v) for v in per_category.values()),
-                     "decrease in the last fifth, mean (%)": 100 * np.nanmean(shares),
-                     "largest category (%)": 100 * np.nanmax(shares)})
+                     "decrease in the last fifth, mean (%)": finite.mean() if finite.size else np.nan,
+                     "largest category (%)": finite.max() if finite.size else np.nan})
     converge = pd.DataFrame(rows).set_index("run (stage)")
-    display(converge.style.format("{:.1f}", subset=[c for c in converge.columns if "%" in c]))
+    display(converge.style.format("{:.1f}", subset=[c for c in converge.columns if "%" in c], na_rep="—"))
     falling = converge.index[converge["decrease in the last fifth, mean (%)"] > 2].tolist()
     display(Markdown(f"Still falling at the end (more than 2 % of their decrease in the last fifth): "
                      f"**{', '.join(falling) or 'none'}**; the others have flattened out."))
 
     columns = 4
     fig, axes = plt.subplots(-(-len(training) // columns), columns, squeeze=False,
-                             figsize=(2.6 * columns, 1.9 * -(-len(training) // columns)), sharey=True)
+                             figsize=(2.6 * columns, 1.9 * -(-len(training) // columns)))
     for ax, (key, per_category) in zip(axes.flat, training.items()):
         for category, loss in per_category.items():
-            ax.plot(np.arange(1, len(loss) + 1), (loss - loss.min()) / max(loss[0] - loss.min(), 1e-12),
-                    lw=1, label=category)
+            ax.plot(np.arange(1, len(loss) + 1), (loss - loss.min()) / max(np.ptp(loss), 1e-12),
+                    lw=1 if len(loss) < 100 else 0.4, label=category)
         ax.set_title(key, fontsize=9)
         ax.tick_params(labelsize=7)
         ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
@@ -283,7 +287,7 @@ if training:
         ax.axis("off")
     axes.flat[0].legend(fontsize=6)
     fig.supxlabel("epoch (DiAD: optimiser step)", fontsize=8)
-    fig.supylabel("training loss, rescaled", fontsize=8)
+    fig.supylabel("training loss, rescaled to [0, 1]", fontsize=8)
     fig.tight_layout()
     plt.show()
 
