@@ -18,7 +18,7 @@ def _ref_mkd_loss(student_feats: list[torch.Tensor], teacher_feats: list[torch.T
 
     stand_in = SimpleNamespace(teacher=lambda x: list(teacher_feats), student=lambda x: list(student_feats),
                                backbone=SimpleNamespace(normalize=lambda x: x), config=SimpleNamespace(lamda=lamda))
-    stand_in.layer_losses = lambda x: MKD.layer_losses(stand_in, x)
+    stand_in.layer_losses = lambda x, targets=None: MKD.layer_losses(stand_in, x, targets)
     return MKD.loss_per_image(stand_in, None)
 
 
