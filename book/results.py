@@ -46,7 +46,7 @@ import yaml
 from IPython.display import Image, Markdown, display
 
 from vadlab.methods import get_method, preset_overrides
-from vadlab.report import RESULTS, pipeline_file
+from vadlab.report import RESULTS, pipeline_file, run_folder
 
 params = yaml.safe_load((Path("..") / "params.yaml").read_text())
 RUNS = list(params["run_methods"])
@@ -224,11 +224,6 @@ import matplotlib.pyplot as plt
 SEED, DATA, CATEGORIES = params["seed"], params["data"]["name"], list(params["data"]["categories"])
 
 
-def run_dir(run: str, category: str, unified: bool) -> Path:
-    """Output folder of one run and category, relative to results/ (the layout of `vadlab evaluate`)."""
-    return Path(DATA, "unified", run, category) if unified else Path(DATA, run, category, f"seed{SEED}")
-
-
 def late_share(loss: np.ndarray) -> float:
     """Share of the loss decrease (first value -> mean of the last fifth) that came in the last fifth."""
     tail = max(1, round(len(loss) / 5))
@@ -241,7 +236,7 @@ training: dict[str, dict[str, np.ndarray]] = {}  # "run" or "run (stage)" -> cat
 missing = None
 for run, unified in [(r, False) for r in RUNS] + [(r, True) for r in UNIFIED]:
     for category in CATEGORIES:
-        folder = run_dir(run, category, unified)
+        folder = run_folder(DATA, run, category, SEED, unified)
         if not (RESULTS / folder / "metrics.json").is_file():
             missing = missing or folder / "metrics.json"
             continue

@@ -51,6 +51,7 @@ import pandas as pd
 from sklearn.metrics import precision_recall_curve, roc_curve
 
 from vadlab.metrics import pro_curve
+from vadlab.report import run_folder
 
 root = Path(results_root)
 FPR = np.linspace(0.0, 1.0, 101)
@@ -60,8 +61,7 @@ Z_BINS = np.linspace(-4.0, 16.0, 41)
 
 
 def predictions(dataset: str, run: str, category: str, unified: bool) -> dict:
-    base = root / dataset / ("unified" if unified else "") / run / category
-    path = (base if unified else base / f"seed{seed}") / "predictions.npz"
+    path = root / run_folder(dataset, run, category, seed, unified) / "predictions.npz"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: run `dvc repro` (the evaluate and unified stages)")
     with np.load(path) as z:
@@ -95,8 +95,7 @@ def run_curves(dataset: str, categories: list[str], run: str, unified: bool) -> 
         curves["pixel_pro"] = pd.DataFrame({"fpr": PRO_FPR, "pro": np.mean(pros, axis=0)})
     histories = []
     for category in categories:  # trained methods log their loss; memory banks and Gaussians have none
-        base = root / dataset / ("unified" if unified else "") / run / category
-        path = (base if unified else base / f"seed{seed}") / "history.csv"
+        path = root / run_folder(dataset, run, category, seed, unified) / "history.csv"
         if path.is_file():
             loss = pd.read_csv(path)["loss"].to_numpy()
             histories.append(pd.DataFrame({"category": category, "step": np.arange(1, len(loss) + 1), "loss": loss}))

@@ -41,6 +41,7 @@ import seaborn as sns
 from PIL import Image
 from sklearn.metrics import roc_curve
 
+from vadlab.report import run_folder
 from vadlab.visualize import CMAP
 
 root = Path(results_root)
@@ -51,11 +52,8 @@ categories = list(data["categories"])
 
 
 def load(run: str, category: str, unified: bool = False) -> dict:
-    if unified:
-        base = root / data["name"] / "unified" / run / category
-    else:  # the first seed's run
-        base = root / data["name"] / run / category / f"seed{seed}"
-    with np.load(base / "predictions.npz") as z:
+    """Predictions of one category (a per-category run: its first seed's)."""
+    with np.load(root / run_folder(data["name"], run, category, seed, unified) / "predictions.npz") as z:
         return {k: z[k] for k in z.files}
 
 

@@ -89,3 +89,12 @@ def test_schematic_draws_every_box_and_arrow_and_names_bad_input():
         schematic({"x": (0, 0, "x", "magic")}, [])
     with pytest.raises(ValueError, match=r"undefined nodes \['y'\]"):
         schematic({"x": (0, 0, "x", "data")}, [("x", "y")])
+
+
+def test_run_folder_is_the_pipelines_layout():
+    from pathlib import Path
+
+    from vadlab.report import run_folder
+
+    assert run_folder("synthetic", "padim", "brick", 1) == Path("synthetic", "padim", "brick", "seed1")
+    assert run_folder("elpv", "diad", "mono", 3, unified=True) == Path("elpv", "unified", "diad", "mono")

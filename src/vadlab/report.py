@@ -30,6 +30,14 @@ def pipeline_file(relative: str, results: Path = RESULTS) -> Path | None:
     raise FileNotFoundError(f"{path} is missing: run `dvc repro` (or `make repro`) before building the book")
 
 
+def run_folder(dataset: str, run: str, category: str, seed: int, unified: bool = False) -> Path:
+    """Output folder of one run and category relative to results/, as the pipeline writes it: a
+    per-category run keeps one folder per seed, a unified run (one model for every category) none."""
+    if unified:
+        return Path(dataset, "unified", run, category)
+    return Path(dataset, run, category, f"seed{seed}")
+
+
 #: the book's classification of its methods (overview chapter): family -> methods of that family
 FAMILIES: dict[str, tuple[str, ...]] = {
     "density on pretrained features": ("padim", "semi_orthogonal"),

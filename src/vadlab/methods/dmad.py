@@ -66,7 +66,7 @@ Choices where the seed is silent, and departures:
 * Defaults follow the official code where it has one (N = 200, beta = 0.25, loss weights 1, AdamW
   lr 0.005 betas (0.5, 0.999), cosine schedule, 400 epochs, sigma 4, alpha 0.05 for non-geometric
   classes).  Small settings for this project's CPU budget (module-level override dicts):
-  ``CPU_PRESET`` (PDM, 64 px, encoder stride 4, 20 epochs, lr 0.003, ``gamma_df = 0.01``: with the
+  ``CPU_PRESET`` (PDM, 64 px, encoder stride 4, 15 epochs, lr 0.003, ``gamma_df = 0.01``: with the
   paper's weight 1 the fields stay below 0.001 px in so few epochs), ``CPU_PRESET_PLUS`` (same, PDM+),
   ``CPU_PRESET_PPDM`` (PPDM, 128 px, 200 memory items, 8 epochs) and ``DIGITS_PRESET`` (32 px one-class
   digits, stride 8, 30 epochs).  They were set on a
@@ -130,10 +130,11 @@ class DMADConfig:
     device: str = "cpu"
 
 
-#: small-CPU preset (industrial, ~60 s fit + predict for 200 + 80 images on one core)
+#: small-CPU preset (industrial, ~25 s fit + predict for 200 + 80 images on one core); 15 epochs: with 20,
+#: every generated category's training loss had made 99 % of its decrease by epoch 15 (PDM and PDM+)
 CPU_PRESET: dict[str, Any] = {
     "image_size": 64, "channels": (16, 32), "latent_dim": 32, "n_memory": 64, "estimator_channels": 16,
-    "epochs": 20, "lr": 0.003, "gamma_df": 0.01,
+    "epochs": 15, "lr": 0.003, "gamma_df": 0.01,
 }
 #: small-CPU preset for the PDM+ variant
 CPU_PRESET_PLUS: dict[str, Any] = {**CPU_PRESET, "variant": "pdm+"}
@@ -373,7 +374,7 @@ class DMAD(AnomalyMethod):
         self.register_buffer("rec_scale", None)
         self.register_buffer("df_scale", None)
         self.history: list[dict[str, float]] = []
-        self.to(self.device)
+        self.to(self.device, memory_format=torch.channels_last)  # about 1.5x faster CPU training (PDM); same up to rounding
 
     # -- model ---------------------------------------------------------------------
     def _resize(self, images: torch.Tensor) -> torch.Tensor:

@@ -133,6 +133,7 @@ class MKD(AnomalyMethod):
         strides = [s * (2 if self.pool_teacher else 1) for s in self.backbone.strides]
         with seeded(cfg.seed):
             self.student = Student(self.backbone.channels, strides, cfg.student_width, cfg.convs_per_stage)
+        self.student.to(memory_format=torch.channels_last)  # about 2x faster training on CPU; same up to rounding
         self.history: list[dict[str, float]] = []
         self.to(self.device)
 
