@@ -645,7 +645,7 @@ class DiAD(AnomalyMethod):
         """Stage 1: L1 + KL autoencoder; then the latent scale = 1 / std of the training latents."""
         cfg = self.config
         self.autoencoder.train()
-        opt = torch.optim.AdamW(self.autoencoder.parameters(), lr=cfg.lr_ae, weight_decay=0.0)
+        opt = torch.optim.AdamW(self.autoencoder.parameters(), lr=cfg.lr_ae, weight_decay=0.0, fused=True)
         losses = []
         for idx in tqdm(self._batches(len(images), cfg.ae_steps, generator), total=cfg.ae_steps,
                         desc="diad ae", leave=False):
@@ -665,7 +665,8 @@ class DiAD(AnomalyMethod):
     def _diffusion_steps(self, images: torch.Tensor, steps: int, params: list[nn.Parameter], guided: bool,
                          generator: torch.Generator, desc: str) -> list[float]:
         """Epsilon-loss training of ``params`` (eq. 6) on latents of the cached images."""
-        opt = torch.optim.AdamW(params, lr=self.config.lr, weight_decay=0.0)
+        # fused: one kernel for the 150-260 tensors (the step 5-10 -> 1.3-2.8 ms on two CPU threads)
+        opt = torch.optim.AdamW(params, lr=self.config.lr, weight_decay=0.0, fused=True)
         losses = []
         latents = self._latents(images)
         for idx in tqdm(self._batches(len(images), steps, generator), total=steps, desc=desc, leave=False):

@@ -374,7 +374,7 @@ class DMAD(AnomalyMethod):
         self.register_buffer("rec_scale", None)
         self.register_buffer("df_scale", None)
         self.history: list[dict[str, float]] = []
-        self.to(self.device, memory_format=torch.channels_last)  # about 1.5x faster CPU training (PDM); same up to rounding
+        self.to(self.device, memory_format=torch.channels_last)  # CPU fit 1.37x (PDM), 1.16x (PDM+); rounding only
 
     # -- model ---------------------------------------------------------------------
     def _resize(self, images: torch.Tensor) -> torch.Tensor:
