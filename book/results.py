@@ -27,7 +27,7 @@
 #
 # ```{important}
 # These are **small-CPU presets**, not the papers' configurations: the whole pipeline has to run on two
-# CPU cores in under an hour, so images are 64 or 128 px instead of 256 px or more, networks trained from
+# CPU cores in about an hour, so images are 64 or 128 px instead of 256 px or more, networks trained from
 # scratch get a few epochs instead of hundreds, and every method uses the offline EfficientNet-Lite0
 # backbone where the papers use ResNet or Wide-ResNet. The table of presets below lists, for every run,
 # exactly what its preset changes relative to the paper's defaults. The numbers rank the methods *under
@@ -36,6 +36,7 @@
 # ```
 
 # %%
+import json
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -196,6 +197,29 @@ if path is not None:
 figure = pipeline_file("figures/accuracy_vs_speed.png")
 if figure is not None:
     display(Image(filename=str(figure)))
+
+# %% [markdown]
+# Where the pipeline's time goes: the wall-clock seconds of each run's stage (`stage_seconds` in the
+# `costs.json` beside its outputs: all its categories and seeds, two at a time on the two cores), on the
+# evaluated data (`evaluate@<run>`, `unified@<run>`; the generated set by default) and on ELPV
+# (`elpv_evaluate@<run>`). Not counted: the few seconds each stage spends starting Python and the
+# notebook, and the small stages (data, tables, figures, digits).
+
+# %%
+def stage_seconds(relative: str) -> float | None:
+    path = pipeline_file(relative)
+    return None if path is None else float(json.loads(path.read_text())["stage_seconds"])
+
+
+dataset = params["data"]["name"]
+stages = pd.DataFrame({
+    f"{dataset} (s)": {r: stage_seconds(f"{dataset}/{r}/costs.json") for r in RUNS}
+    | {f"{r} (unified)": stage_seconds(f"{dataset}/unified/{r}/costs.json") for r in UNIFIED},
+    "ELPV (s)": {r: stage_seconds(f"elpv/{r}/costs.json") for r in RUNS},
+})
+stages.loc["total"] = stages.sum(min_count=1)
+stages["total (s)"] = stages.sum(axis=1, min_count=1)
+display(stages.style.format("{:,.0f}", na_rep="—"))
 
 # %% [markdown]
 # ## Did the trained methods converge?
