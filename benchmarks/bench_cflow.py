@@ -10,7 +10,8 @@ decoders, no Lightning Trainer; the pipeline stage ``anomalib`` uses the same co
   time includes both libraries' pass over the training fibers for the score normalisation);
 - inference time per image (batch 16, after a warm-up of both), and the image AUROC of the one epoch.
 
-Run: ``OMP_NUM_THREADS=1 python benchmarks/bench_cflow.py [--data DIR] [--category brick] [--size 128]``
+Run: ``OMP_NUM_THREADS=1 python benchmarks/bench_cflow.py [--data DIR] [--category brick] [--size 128]
+[--meta-epochs 1 --sub-epochs 1]``
 (needs ``pip install anomalib==2.7.0``).
 """
 
@@ -34,13 +35,16 @@ def main() -> None:
     parser.add_argument("--category", default="brick")
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--n-train", type=int, default=200)
+    parser.add_argument("--meta-epochs", type=int, default=1, help="3 with --sub-epochs 2: the CPU preset's 6 epochs")
+    parser.add_argument("--sub-epochs", type=int, default=1)
     args = parser.parse_args()
     anomalib = peers.require_anomalib()
     root = args.data or generate(tempfile.mkdtemp(), seed=0, categories=[args.category], n_train=args.n_train,
                                  n_test=80, size=args.size)
     split = peers.load_category(root, args.category, args.size)
-    # one pass over all fibers (one epoch) for both, the CPU preset's flow size
-    cfg = {**CPU_PRESET, "meta_epochs": 1, "sub_epochs": 1, "warmup_epochs": 0, "fiber_batch": 256,
+    # meta x sub passes over all fibers (default one epoch) for both, the CPU preset's flow size
+    cfg = {**CPU_PRESET, "meta_epochs": args.meta_epochs, "sub_epochs": args.sub_epochs, "warmup_epochs": 0,
+           "fiber_batch": 256,
            "val_fraction": 0.0}  # every training image fitted, as anomalib does
     peers.warm_up("cflow", split["train"], split["test"], cfg, args.size)
     ours, model = peers.run_vadlab("cflow", split["train"], split["test"], cfg, batch_size=16, seed=0)
@@ -51,7 +55,7 @@ def main() -> None:
     n_fibers = per_image * len(split["train"])
     print(f"CFLOW-AD speed, {args.category} {args.size}px, {len(split['train'])} train / {len(split['test'])} test "
           f"images, EfficientNet-Lite0 {list(cfg['layers'])}, {cfg['coupling_blocks']} blocks, "
-          f"P={cfg['condition_channels']}, fiber batch 256, 1 epoch; torch {torch.__version__}, "
+          f"P={cfg['condition_channels']}, fiber batch 256, {cfg['meta_epochs'] * cfg['sub_epochs']} epoch(s); torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, {platform.processor() or platform.machine()}")
     print(f"{'implementation':<22}{'train fibers/s':>16}{'fit s':>9}{'infer ms/img':>14}{'image AUROC':>13}")
     for name, r in (("vadlab CFlow", ours), (f"anomalib {anomalib.__version__} Cflow", theirs)):

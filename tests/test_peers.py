@@ -141,3 +141,24 @@ def test_stage_without_anomalib_writes_skipped_outputs(no_anomalib, tmp_path, mo
     status = json.loads((out / "comparison.json").read_text())["status"]
     assert status.startswith("skipped: anomalib not installed") and peers.INSTALL_HINT in status
     assert pd.read_csv(out / "comparison.csv")["status"].tolist() == [status]
+
+
+def test_vadlab_weights_load_into_the_timm_network_anomalib_builds():
+    """anomalib's extractors are timm features-only networks with batch norms; vadlab's frozen extractor
+    folds its batch norms into the convolutions, so copying its state dict failed (keys differ) and the
+    comparison could not run. The copied network must give vadlab's features."""
+    import timm
+
+    from vadlab.backbones import FeatureExtractor
+
+    layers = ("blocks.1", "blocks.2", "blocks.4")
+    names = timm.create_model(peers.TIMM_LITE0, features_only=True, pretrained=False).feature_info.module_name()
+    theirs = timm.create_model(peers.TIMM_LITE0, features_only=True, pretrained=False,
+                               out_indices=[names.index(layer) for layer in layers]).eval()
+    peers._load_lite0(theirs, layers)
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = FeatureExtractor("efficientnet_lite0", layers)(x)
+        got = theirs(peers._normalise(x))
+    for a, b in zip(got, expected):
+        assert float((a - b).abs().max() / b.abs().max()) < 1e-4

@@ -273,7 +273,8 @@ def _load_lite0(timm_features: torch.nn.Module, layers: Sequence[str]) -> None:
     """Copy vadlab's offline EfficientNet-Lite0 ImageNet weights into anomalib's timm features-only model."""
     from vadlab.backbones import FeatureExtractor
 
-    source = FeatureExtractor("efficientnet_lite0", tuple(layers)).body.state_dict()
+    # the unfolded network (a frozen extractor folds its batch norms into its convolutions; timm's has them)
+    source = FeatureExtractor("efficientnet_lite0", tuple(layers), trainable=True).body.state_dict()
     target = timm_features.state_dict()
     if set(source) != set(target):
         differ = sorted(set(source) ^ set(target))[:3]
