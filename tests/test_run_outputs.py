@@ -1,6 +1,7 @@
 """A run's folder: atomic files, metrics.json last, kills never leave complete-looking wrong output,
 reruns redo unfinished runs and reuse or refuse finished ones; per-defect AUROC, curves, history."""
 
+import contextlib
 import csv
 import json
 import mmap
@@ -153,19 +154,22 @@ def test_evaluate_saves_the_training_history(root, tmp_path):
     assert [int(r["epoch"]) for r in rows] == [0, 1] and all(float(r["loss"]) > 0 for r in rows)
 
 
-def _touch_and_release(mib: int) -> None:
-    """Map ``mib`` MiB of fresh pages, touch every one, unmap them.
+@contextlib.contextmanager
+def _touched_pages(mib: int):
+    """Map ``mib`` MiB of fresh pages and touch every one; they are unmapped when the block ends.
 
     An anonymous mapping, not ``np.ones``: malloc may serve a large block from free heap pages that
     are already resident (after earlier tests freed memory) and keep them after ``del``, so the
     resident size neither rises nor falls and a peak-memory test measures the allocator, not the reset.
     """
     if mib == 0:
+        yield
         return
     with mmap.mmap(-1, mib * 2**20) as block:
         pages = np.frombuffer(block, dtype=np.uint8)
         pages[:] = 1
         del pages  # the mapping cannot close while a view exports it
+        yield
 
 
 def _allocate_and_measure(mib: int) -> float:
@@ -173,7 +177,8 @@ def _allocate_and_measure(mib: int) -> float:
     from vadlab.evaluate import peak_memory_mb, reset_peak_memory
 
     reset_peak_memory()
-    _touch_and_release(mib)
+    with _touched_pages(mib):
+        pass
     return peak_memory_mb()
 
 
@@ -191,11 +196,8 @@ def test_peak_memory_is_measured_per_run():
 
     if not os.path.exists("/proc/self/clear_refs"):
         pytest.skip("per-run reset needs Linux /proc")
-    with mmap.mmap(-1, 300 * 2**20) as block:  # 300 MiB of fresh pages (see _touch_and_release)
-        pages = np.frombuffer(block, dtype=np.uint8)
-        pages[:] = 1
+    with _touched_pages(300):
         with_big = peak_memory_mb()
-        del pages
     reset_peak_memory()
     assert peak_memory_mb() < with_big - 200
 
